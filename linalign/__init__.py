@@ -1,0 +1,12 @@
+"""linalign: fast Linear Alignment decoding (Gao et al., ICML 2024).
+
+``linalign.step`` / ``linalign.sample`` run one decoding step over a batch of two-branch
+logits (with and without the principle) on one of three backends: the fused Triton kernel
+(``linalign.kernels``), a vectorised torch path, or the readable reference
+(``linalign.reference``). Importing linalign touches no GPU and does not import Triton.
+"""
+from . import reference
+from .api import BACKENDS, Status, StepOutput, sample, step
+
+__version__ = "0.1.0"
+__all__ = ["step", "sample", "StepOutput", "Status", "BACKENDS", "reference"]

@@ -1,0 +1,220 @@
+"""The public step API: ``linalign.step`` and ``linalign.sample``.
+
+Shared parameter text (referred to by every docstring in the package):
+
+logits_p, logits_0
+    [B, V] next-token logits of the branch with the principle in the system prompt (``p``)
+    and of the same conversation without it (``0``); fp32, bf16 or fp16, same shape and
+    device; all arithmetic is fp32.
+ratio
+    r: how far to push along ``z_p - z_0``: a finite number or a [B] tensor. Aligned scores
+    are ``z_p + r (z_p - z_0)``; r = 0 is plain top-p decoding of the principle branch.
+temperature
+    T >= 0, a number or a [B] tensor. T scales the principle branch before the nucleus is
+    taken and the aligned scores before the softmax. T = 0 is the limit T -> 0: greedy, and
+    the nucleus collapses onto the principle branch's argmax (so r only breaks exact ties).
+    For Linear-Alignment greedy decoding use ``greedy=True`` with the T that sets the
+    nucleus (the authors use 0.5). 0 < T < 1e-30 is treated as 1e-30.
+top_p
+    Nucleus mass in (0, 1], a number or a [B] tensor, taken on ``softmax(z_p / T)``.
+greedy
+    True: the token is the argmax of the aligned scores on the nucleus (lowest id on a tie).
+generator, seed, offset
+    Randomness for sampling. ``seed``: an int in [0, 2**63) or a [B] int64 tensor of per-row
+    seeds; the draw for a row comes from Triton's Philox stream keyed by the seed, with
+    counter (row, offset) for one int seed and (0, offset) for per-row seeds, identical on
+    every backend. ``offset`` (int or [B] tensor): advance it every decoding step (e.g. the
+    position), or every step draws the same uniform. ``generator``: a ``torch.Generator`` on
+    the logits' device, used when no seed is given (default: torch's global generator).
+backend
+    "auto" (CUDA tensors -> "triton", CPU tensors -> "torch"), "triton", "torch",
+    "reference".
+check
+    True (default): validate parameter values and raise ``ValueError`` on rows with NaN or
+    +inf in either branch or no finite principle logit (this syncs with the device). False:
+    no host synchronisation; such rows still get a valid token id and ``Status.BAD_INPUT``.
+"""
+import enum
+from typing import NamedTuple
+
+import torch
+
+from .random import row_uniforms
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TINY_T = 1e-30
+
+
+class Status(enum.IntFlag):
+    """Per-row status bits of a step (``StepOutput.status`` holds them as int32)."""
+
+    OK = 0
+    #: Every nucleus token is -inf in the without-branch: the row fell back to plain
+    #: top-p decoding of the principle branch (r taken as 0).
+    FALLBACK = 1
+    #: NaN or +inf in either branch, or no finite principle logit (only with check=False;
+    #: the token is a valid id computed with those entries treated as -inf, or 0).
+    BAD_INPUT = 2
+
+
+class StepOutput(NamedTuple):
+    """Result of one step, all [B] tensors on the logits' device."""
+
+    tokens: torch.Tensor  # int64: the chosen token ids, always in [0, V)
+    logprobs: torch.Tensor  # fp32: log-probability of each token under the masked aligned
+    #                          distribution (0 for T = 0 rows, -inf for rows with no token)
+    nucleus_size: torch.Tensor  # int32: |N|, the principle-branch nucleus (gap rule included)
+    status: torch.Tensor  # int32: Status bits
+
+
+def _rows(mask):
+    rows = mask.nonzero().flatten().tolist()
+    return str(rows[:10]) + (" ..." if len(rows) > 10 else "")
+
+
+def _param(name, x, B, device, check, valid, expected):
+    """Validate a number or a [B] tensor; return it (tensors as fp32 on ``device``)."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() == 0:
+            x = x.item()
+        else:
+            if x.shape != (B,):
+                raise ValueError(f"{name} must be a number or a tensor of shape [{B}]; "
+                                 f"got shape {list(x.shape)}")
+            if x.device != device:
+                raise ValueError(f"{name} is on {x.device} but the logits are on {device}")
+            if x.dtype.is_complex or x.dtype == torch.bool:
+                raise TypeError(f"{name} must be a real tensor; got {x.dtype}")
+            x = x.to(torch.float32)
+            if check:
+                bad = ~valid(x)
+                if bool(bad.any()):
+                    raise ValueError(f"{name} must be {expected}; got {x[bad][:5].tolist()} "
+                                     f"at rows {_rows(bad)}")
+            return x
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a number or a [B] tensor; got {type(x).__name__}")
+    if not bool(valid(torch.tensor(float(x)))):
+        raise ValueError(f"{name} must be {expected}; got {x}")
+    return float(x)
+
+
+def _int_param(name, x, B, device):
+    if isinstance(x, torch.Tensor):
+        if x.dtype.is_floating_point or x.dtype == torch.bool or x.shape not in ((B,), ()):
+            raise ValueError(f"{name} must be an int or an int64 tensor of shape [{B}]; got "
+                             f"{x.dtype} of shape {list(x.shape)}")
+        if x.dim() == 0:
+            return int(x.item())
+        return x.to(device=device, dtype=torch.int64)
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int or a [B] int64 tensor; got {type(x).__name__}")
+    if not 0 <= x < 2**63:
+        raise ValueError(f"{name} must be in [0, 2**63); got {x}")
+    return x
+
+
+def prepare(logits_p, logits_0, ratio, temperature, top_p, generator, seed, offset, check):
+    """Validate the arguments of a step (SPEC section 2); return normalised parameters."""
+    for name, z in (("logits_p", logits_p), ("logits_0", logits_0)):
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(z).__name__}")
+        if z.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16; got {z.dtype}")
+        if z.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [B, V]; got shape {list(z.shape)} "
+                             "(use .unsqueeze(0) for a single row)")
+    if logits_p.shape != logits_0.shape:
+        raise ValueError(f"logits_p and logits_0 must have the same shape [B, V]; got "
+                         f"{list(logits_p.shape)} and {list(logits_0.shape)}")
+    if logits_p.device != logits_0.device:
+        raise ValueError(f"logits_p is on {logits_p.device} but logits_0 is on {logits_0.device}")
+    B, V = logits_p.shape
+    if V == 0:
+        raise ValueError("the vocabulary is empty (V = 0); expected V >= 1")
+    dev = logits_p.device
+    ratio = _param("ratio", ratio, B, dev, check, torch.isfinite, "a finite number")
+    temperature = _param("temperature", temperature, B, dev, check,
+                         lambda t: torch.isfinite(t) & (t >= 0), "finite and >= 0")
+    top_p = _param("top_p", top_p, B, dev, check,
+                   lambda p: (p > 0) & (p <= 1), "in (0, 1]")
+    if isinstance(temperature, torch.Tensor):
+        temperature = torch.where((temperature > 0) & (temperature < TINY_T),
+                                  torch.full_like(temperature, TINY_T), temperature)
+    elif 0 < temperature < TINY_T:
+        temperature = TINY_T
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if seed is not None:
+        seed = _int_param("seed", seed, B, dev)
+    offset = _int_param("offset", offset, B, dev)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+    return ratio, temperature, top_p, seed, offset
+
+
+def _resolve(backend, device):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def _run_triton(zp, z0, r, T, p, greedy, generator, seed, offset):
+    from . import kernels
+
+    if zp.device.type != "cuda" and not kernels.INTERPRETED:
+        raise ValueError("the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set "
+                         "before linalign.kernels is first imported (to run on the CPU "
+                         "through Triton's interpreter)")
+    u = None
+    if not greedy and seed is None:
+        u = row_uniforms(zp.shape[0], zp.device, generator=generator)
+    return kernels.la_step(zp, z0, r, T, p, greedy=greedy, u=u, seed=seed, offset=offset)
+
+
+def step(logits_p, logits_0, *, ratio, temperature=1.0, top_p=1.0, greedy=False,
+         generator=None, seed=None, offset=0, backend="auto", check=True) -> StepOutput:
+    """One Linear Alignment decoding step over a batch (SPEC sections 1 and 2).
+
+    Per row: nucleus ``N`` = top-p of ``softmax(z_p / T)`` (ties with the last kept token
+    kept, tokens more than 80 T below the principle max never kept); aligned scores
+    ``s = (z_p + r (z_p - z_0)) / T`` on ``N``, ``-inf`` elsewhere and on tokens that are
+    ``-inf`` in either branch; the token is ``argmax s`` (greedy) or drawn from
+    ``softmax(s)``. If banning empties ``N`` the row uses r = 0 (``Status.FALLBACK``).
+
+    Arguments are described once in ``linalign.api``'s module docstring. Returns a
+    ``StepOutput``. Raises ``TypeError``/``ValueError`` naming the bad value and the
+    expected one.
+    """
+    r, T, p, seed, offset = prepare(logits_p, logits_0, ratio, temperature, top_p,
+                                    generator, seed, offset, check)
+    which = _resolve(backend, logits_p.device)
+    if which == "triton":
+        out = _run_triton(logits_p, logits_0, r, T, p, greedy, generator, seed, offset)
+    elif which == "torch":
+        from .torch_backend import torch_step
+
+        out = torch_step(logits_p, logits_0, r, T, p, greedy=greedy, generator=generator,
+                         seed=seed, offset=offset)
+    else:
+        from .reference import reference_step
+
+        out = reference_step(logits_p, logits_0, r, T, p, greedy=greedy,
+                             generator=generator, seed=seed, offset=offset)
+    out = StepOutput(*out)
+    if check and out.status.numel():
+        bad = (out.status & int(Status.BAD_INPUT)) != 0
+        if bool(bad.any()):
+            raise ValueError(f"rows {_rows(bad)}: NaN or +inf in logits_p or logits_0, or no "
+                             "finite logit in logits_p; expected finite logits (-inf allowed "
+                             "to ban a token). Pass check=False to get Status.BAD_INPUT "
+                             "instead.")
+    return out
+
+
+def sample(logits_p, logits_0, **kwargs) -> torch.Tensor:
+    """Same arguments as ``step``; returns only the int64 [B] token ids."""
+    return step(logits_p, logits_0, **kwargs).tokens

@@ -1,0 +1,114 @@
+"""The reference: SPEC sections 1 and 2 in plain, readable torch, one row at a time.
+
+This is the oracle every test compares against; it is meant to be read, not to be fast.
+It sorts, loops over rows and can compute in float64 (``dtype=torch.float64``; the inputs
+are first rounded to fp32, as every backend does). Optimised paths live in
+``linalign.torch_backend`` and ``linalign.kernels``.
+"""
+import torch
+
+from .random import row_uniforms
+
+GAP = 80.0  # tokens more than GAP * T below the principle max are never in the nucleus
+FMAX = torch.finfo(torch.float32).max
+
+
+def nucleus(zp: torch.Tensor, T: float, top_p: float) -> torch.Tensor:
+    """SPEC 1.2: the bool [V] keep-set of one principle-branch row (fp32 logits ``zp``).
+
+    Token i is kept when the mass of the tokens with a strictly larger logit is below
+    top_p (so ties are kept together), and its logit is within GAP * T of the best.
+    Masses are computed in ``zp.dtype``.
+    """
+    finite = zp > float("-inf")
+    m = zp.max()
+    if T == 0:  # the limit T -> 0: all the mass sits on the argmax
+        return finite & (zp == m)
+    # The gap rule is defined in fp32 arithmetic, the same in every backend.
+    cut = m.float() - torch.tensor(GAP, dtype=torch.float32) * torch.tensor(T, dtype=torch.float32)
+    pi = torch.softmax(zp / T, dim=0)
+    # mass_above[i] = sum of pi_j over j with zp_j > zp_i: sort ascending, suffix sums,
+    # and look each value up after its last tie.
+    values, order = torch.sort(zp)
+    suffix = torch.cat([pi[order].flip(0).cumsum(0).flip(0), pi.new_zeros(1)])
+    mass_above = suffix[torch.searchsorted(values, zp, right=True)]
+    keep = mass_above < top_p if top_p < 1 else torch.ones_like(finite)
+    return keep & finite & (zp.float() >= cut)
+
+
+def aligned_scores(zp, z0, r):
+    """z_p + r (z_p - z_0), clamped to the finite fp32 range (hostile but finite inputs)."""
+    d = (zp - z0).clamp(-FMAX, FMAX)
+    return (zp + r * d).clamp(-FMAX, FMAX)
+
+
+def row_step(zp, z0, r, T, top_p, greedy, u):
+    """One row: returns (token, logprob, nucleus_size, status) as Python numbers."""
+    bad = bool(torch.isnan(zp).any() or torch.isnan(z0).any()
+               or (zp == float("inf")).any() or (z0 == float("inf")).any())
+    # Bad entries are treated as banned, so that even a bad row yields a valid id.
+    zp = torch.where(torch.isnan(zp) | (zp == float("inf")), float("-inf"), zp)
+    z0 = torch.where(torch.isnan(z0) | (z0 == float("inf")), float("-inf"), z0)
+    if not bool((zp > float("-inf")).any()):
+        return 0, float("-inf"), 0, 2  # no finite principle logit: nothing to choose
+    in_n = nucleus(zp, T, top_p)
+    allowed = in_n & (z0 > float("-inf"))  # banned stays banned
+    fallback = not bool(allowed.any())
+    if fallback:  # banning emptied N: plain top-p decoding of the principle branch
+        allowed, r = in_n, 0.0
+    a = torch.where(allowed, aligned_scores(zp, torch.where(allowed, z0, zp), r), float("-inf"))
+    status = int(fallback) | (2 if bad else 0)
+    greedy_token = int(torch.argmax(a))  # torch.argmax returns the first maximal index
+    if T == 0:
+        return greedy_token, 0.0, int(in_n.sum()), status
+    logp = torch.log_softmax(a / T, dim=0)
+    if greedy:
+        token = greedy_token
+    else:
+        # Inverse CDF in vocabulary order: the first token whose running mass exceeds u.
+        w = torch.exp(logp)
+        cum = torch.cumsum(w, dim=0)
+        over = (cum > u * cum[-1]) & (w > 0)
+        token = int(over.nonzero()[0]) if bool(over.any()) else int((w > 0).nonzero()[-1])
+    return token, float(logp[token]), int(in_n.sum()), status
+
+
+def reference_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, generator=None,
+                   seed=None, offset=0, dtype=torch.float32):
+    """The step on validated arguments (see ``step``); returns four [B] tensors."""
+    B, V = logits_p.shape
+    dev = logits_p.device
+    zp_all = logits_p.float().to(dtype)
+    z0_all = logits_0.float().to(dtype)
+    u = None if greedy else row_uniforms(B, dev, generator=generator, seed=seed, offset=offset)
+    per_row = lambda x, b: float(x[b]) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    rows = []
+    for b in range(B):
+        rows.append(row_step(zp_all[b], z0_all[b], per_row(ratio, b), per_row(temperature, b),
+                             per_row(top_p, b), greedy, None if u is None else float(u[b])))
+    tokens, logprobs, sizes, status = zip(*rows) if rows else ((), (), (), ())
+    return (torch.tensor(tokens, dtype=torch.int64, device=dev),
+            torch.tensor(logprobs, dtype=torch.float32, device=dev),
+            torch.tensor(sizes, dtype=torch.int32, device=dev),
+            torch.tensor(status, dtype=torch.int32, device=dev))
+
+
+def step(logits_p, logits_0, *, ratio, temperature=1.0, top_p=1.0, greedy=False,
+         generator=None, seed=None, offset=0, check=True, dtype=torch.float32):
+    """``linalign.step``'s contract, computed by the reference (``dtype=torch.float64`` for
+    exact masses). Same arguments (see ``linalign.api``), no ``backend``."""
+    from .api import step as api_step
+    from .api import StepOutput, prepare, Status
+
+    if dtype == torch.float32:
+        return api_step(logits_p, logits_0, ratio=ratio, temperature=temperature, top_p=top_p,
+                        greedy=greedy, generator=generator, seed=seed, offset=offset,
+                        backend="reference", check=check)
+    r, T, p, seed, offset = prepare(logits_p, logits_0, ratio, temperature, top_p, generator,
+                                    seed, offset, check)
+    out = StepOutput(*reference_step(logits_p, logits_0, r, T, p, greedy=greedy,
+                                     generator=generator, seed=seed, offset=offset,
+                                     dtype=dtype))
+    if check and bool(((out.status & int(Status.BAD_INPUT)) != 0).any()):
+        raise ValueError("NaN or +inf in the logits, or no finite principle logit")
+    return out
