@@ -34,8 +34,16 @@ programs, and every pivot statistic of pass 2 is a sum, min or max, so a later c
 split a row over several programs at small batch with a tiny second reduction per pass.
 The result does not depend on ``BLOCK`` beyond fp32 rounding of the sums.
 """
+import os
+
 import triton
 import triton.language as tl
+
+# Under Triton's interpreter every call of a nested @triton.jit function re-patches the
+# language module (about 1 ms each, half the run time of a small row), while a plain Python
+# helper runs with the caller's patched module and gives the same result. Compiled, the
+# helpers are ordinary @triton.jit functions.
+_helper = (lambda fn: fn) if os.environ.get("TRITON_INTERPRET", "0") == "1" else triton.jit
 
 # Largest finite fp32: aligned scores are clamped to +-FMAX so that hostile but finite
 # inputs (+-1e30 with a large ratio) never produce inf - inf = NaN.
@@ -44,7 +52,7 @@ FMAX = 3.4028234663852886e38
 GAP = 80.0
 
 
-@triton.jit
+@_helper
 def _sanitize(x):
     # NaN and +inf are bad input: the row is flagged, and the value is treated as -inf
     # (banned) so that even a bad row with check=False yields a valid token id.
@@ -52,7 +60,7 @@ def _sanitize(x):
     return tl.where(bad, float("-inf"), x), bad
 
 
-@triton.jit
+@_helper
 def _key(x):
     # Order-preserving int32 image of an fp32 value: flip the magnitude bits of negatives.
     # -0.0 maps to -1; fold it onto +0.0 (key 0) because the two logits are equal.
@@ -61,14 +69,14 @@ def _key(x):
     return tl.where(k == -1, 0, k)
 
 
-@triton.jit
+@_helper
 def _unkey(k):
     # Inverse of _key (the transform is an involution on the int32 bits).
     k = k.to(tl.int32)
     return (k ^ ((k >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
 
 
-@triton.jit
+@_helper
 def _aligned(x, y, r):
     # a = z_p + r * (z_p - z_0), clamped to the finite range (see FMAX).
     d = tl.minimum(tl.maximum(x - y, -FMAX), FMAX)

@@ -42,22 +42,33 @@ def aligned_scores(zp, z0, r):
     return (zp + r * d).clamp(-FMAX, FMAX)
 
 
-def row_step(zp, z0, r, T, top_p, greedy, u):
-    """One row: returns (token, logprob, nucleus_size, status) as Python numbers."""
-    bad = bool(torch.isnan(zp).any() or torch.isnan(z0).any()
-               or (zp == float("inf")).any() or (z0 == float("inf")).any())
-    # Bad entries are treated as banned, so that even a bad row yields a valid id.
-    zp = torch.where(torch.isnan(zp) | (zp == float("inf")), float("-inf"), zp)
-    z0 = torch.where(torch.isnan(z0) | (z0 == float("inf")), float("-inf"), z0)
-    if not bool((zp > float("-inf")).any()):
-        return 0, float("-inf"), 0, 2  # no finite principle logit: nothing to choose
+def _sanitize(z):
+    # NaN and +inf are bad input; they are treated as banned (-inf) so that even a bad row
+    # (with check=False) yields a valid id. Returns (clean row, was it bad).
+    bad = torch.isnan(z) | (z == float("inf"))
+    return torch.where(bad, float("-inf"), z), bool(bad.any())
+
+
+def row_scores(zp, z0, r, T, top_p):
+    """SPEC 1.3 and 2 for one row: (aligned scores ``a`` with -inf off the allowed set,
+    nucleus mask, fell back to r = 0). The distribution is ``softmax(a / T)``."""
     in_n = nucleus(zp, T, top_p)
     allowed = in_n & (z0 > float("-inf"))  # banned stays banned
-    fallback = not bool(allowed.any())
+    fallback = bool(in_n.any()) and not bool(allowed.any())
     if fallback:  # banning emptied N: plain top-p decoding of the principle branch
         allowed, r = in_n, 0.0
-    a = torch.where(allowed, aligned_scores(zp, torch.where(allowed, z0, zp), r), float("-inf"))
-    status = int(fallback) | (2 if bad else 0)
+    a = aligned_scores(zp, torch.where(allowed, z0, zp), r)
+    return torch.where(allowed, a, float("-inf")), in_n, fallback
+
+
+def row_step(zp, z0, r, T, top_p, greedy, u):
+    """One row: returns (token, logprob, nucleus_size, status) as Python numbers."""
+    zp, bad_p = _sanitize(zp)
+    z0, bad_0 = _sanitize(z0)
+    if not bool((zp > float("-inf")).any()):
+        return 0, float("-inf"), 0, 2  # no finite principle logit: nothing to choose
+    a, in_n, fallback = row_scores(zp, z0, r, T, top_p)
+    status = int(fallback) | (2 if bad_p or bad_0 else 0)
     greedy_token = int(torch.argmax(a))  # torch.argmax returns the first maximal index
     if T == 0:
         return greedy_token, 0.0, int(in_n.sum()), status
@@ -71,6 +82,20 @@ def row_step(zp, z0, r, T, top_p, greedy, u):
         over = (cum > u * cum[-1]) & (w > 0)
         token = int(over.nonzero()[0]) if bool(over.any()) else int((w > 0).nonzero()[-1])
     return token, float(logp[token]), int(in_n.sum()), status
+
+
+def distribution(logits_p, logits_0, ratio, temperature, top_p, dtype=torch.float64):
+    """The exact masked aligned distribution of each row: [B, V] probabilities in ``dtype``
+    (for T > 0 rows with finite inputs; what sampling must reproduce)."""
+    B = logits_p.shape[0]
+    per_row = lambda x, b: float(x[b]) if isinstance(x, torch.Tensor) else float(x)  # noqa: E731
+    rows = []
+    for b in range(B):
+        zp, z0 = logits_p[b].float().to(dtype), logits_0[b].float().to(dtype)
+        T = per_row(temperature, b)
+        a, _, _ = row_scores(zp, z0, per_row(ratio, b), T, per_row(top_p, b))
+        rows.append(torch.softmax(a / T, dim=0))
+    return torch.stack(rows)
 
 
 def reference_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, generator=None,

@@ -1,0 +1,79 @@
+"""Checks shared by the test files: nucleus agreement within the rounding band, and a
+chi-square goodness-of-fit test of sampled tokens against the exact distribution."""
+import torch
+from scipy import stats
+
+# Nucleus rounding band. Backends sum fp32 masses in different orders (blocks, pivots,
+# radix bins), so a token whose exact mass-above lies within BAND of top_p may land on either
+# side. Measured fp32 errors of a 49152-term sum are around 1e-7; the band leaves room.
+BAND = 2e-5
+
+# Chi-square test: false-alarm rate per test. The draws use fixed seeds, so a test either
+# always passes or always fails; ALPHA is the chance that a correct sampler fails for the
+# seeds chosen.
+ALPHA = 1e-3
+
+
+def mass_above(zp_row, T):
+    """fp64 mass of the tokens with a strictly larger logit, for each token of one row."""
+    z = zp_row.double()
+    pi = torch.softmax(z / T, dim=0)
+    values, order = torch.sort(z)
+    suffix = torch.cat([pi[order].flip(0).cumsum(0).flip(0), pi.new_zeros(1)])
+    return suffix[torch.searchsorted(values, z, right=True)]
+
+
+def assert_nucleus_sizes(zp, T, top_p, got, want):
+    """Nuclei are the top-|N| logits (ties together), so equal sizes mean equal sets. Where
+    sizes differ, every token between the two sizes must have its mass-above within BAND of
+    top_p."""
+    got, want = got.cpu(), want.cpu()
+    for b in (got != want).nonzero().flatten().tolist():
+        t = float(T[b]) if isinstance(T, torch.Tensor) else T
+        p = float(top_p[b]) if isinstance(top_p, torch.Tensor) else top_p
+        f = mass_above(zp[b].float().cpu(), t).sort().values
+        lo, hi = sorted((int(got[b]), int(want[b])))
+        near = (f[lo:hi] - p).abs()
+        assert bool((near <= BAND).all()), (
+            f"row {b}: nucleus size {int(got[b])} vs reference {int(want[b])}; the tokens in "
+            f"between have mass-above {f[lo:hi].tolist()[:5]} vs top_p {p} (band {BAND})")
+
+
+def chi_square(tokens, probs, alpha=ALPHA):
+    """Goodness of fit of sampled ids [N] to an exact distribution [V] (fp64).
+
+    Support is checked exactly (a token of probability 0 is never drawn). Bins with an
+    expected count under 5 are pooled into one. Returns the p-value; asserts p > alpha.
+    """
+    tokens = tokens.cpu()
+    probs = probs.cpu().double()
+    n = tokens.numel()
+    counts = torch.bincount(tokens, minlength=probs.numel()).double()
+    outside = counts[probs == 0].sum()
+    assert outside == 0, f"{int(outside)} draws outside the support"
+    expected = probs * n
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    exp = exp * (obs.sum() / exp.sum())
+    if obs.numel() < 2:
+        return 1.0
+    p = stats.chisquare(obs.numpy(), exp.numpy()).pvalue
+    assert p > alpha, f"chi-square p = {p:.2e} <= {alpha} over {n} draws, {obs.numel()} bins"
+    return p
+
+
+def detectable_shift(n, bins, alpha=ALPHA, power=0.9):
+    """The smallest chi-square distance sum((q - p)^2 / p) that n draws over ``bins`` bins
+    detect with the given power at false-alarm rate alpha (noncentral chi-square)."""
+    crit = stats.chi2.ppf(1 - alpha, bins - 1)
+    lo, hi = 0.0, 1e4
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if stats.ncx2.sf(crit, bins - 1, mid) < power:
+            lo = mid
+        else:
+            hi = mid
+    return hi / n

@@ -1,0 +1,311 @@
+"""Every backend of linalign.step against the reference (SPEC sections 1 and 2).
+
+On a machine without a GPU the "triton" backend runs through Triton's interpreter (about
+0.1 s per row), so its shapes stay small, with one realistic vocabulary (2 x 49152).
+"""
+import pytest
+import torch
+
+import linalign
+from linalign import Status
+from linalign.reference import distribution
+from linalign.testing import two_branch
+from helpers import assert_nucleus_sizes, chi_square
+
+FAST = ["torch", "triton"]
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)]
+LA = dict(ratio=3.0, temperature=0.5, top_p=0.8)  # the authors' HH setting
+
+
+def reference(zp, z0, **kw):
+    return linalign.step(zp, z0, backend="reference", **kw)
+
+
+def reference64(zp, z0, **kw):
+    return linalign.reference.step(zp, z0, dtype=torch.float64, **kw)
+
+
+def assert_same_step(got, want, zp, T, top_p, *, logprob_atol=2e-4):
+    """Tokens, status identical; nucleus sizes within the band; log-probs close."""
+    assert torch.equal(got.tokens.cpu(), want.tokens.cpu()), (
+        f"tokens differ at rows {(got.tokens.cpu() != want.tokens.cpu()).nonzero().flatten().tolist()}: "
+        f"{got.tokens.tolist()} vs {want.tokens.tolist()}")
+    assert torch.equal(got.status.cpu(), want.status.cpu())
+    assert_nucleus_sizes(zp, T, top_p, got.nucleus_size, want.nucleus_size)
+    torch.testing.assert_close(got.logprobs.cpu(), want.logprobs.cpu(), atol=logprob_atol,
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype,_tol", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (3, 5), (4, 1000), (3, 4099)])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_matches_reference(backend, dtype, _tol, shape, greedy, device):
+    B, V = shape
+    zp, z0 = two_branch(B, V, seed=V + B, temperature=0.5, device=device, dtype=dtype)
+    kw = dict(LA, greedy=greedy, seed=11, offset=3)
+    got = linalign.step(zp, z0, backend=backend, **kw)
+    assert got.tokens.dtype == torch.int64 and got.logprobs.dtype == torch.float32
+    assert got.nucleus_size.dtype == torch.int32 and got.status.dtype == torch.int32
+    assert got.tokens.device == zp.device and got.tokens.shape == (B,)
+    assert_same_step(got, reference(zp, z0, **kw), zp, LA["temperature"], LA["top_p"])
+    assert_nucleus_sizes(zp, 0.5, 0.8, got.nucleus_size, reference64(zp, z0, **kw).nucleus_size)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("greedy", [True, False])
+def test_realistic_vocabulary(backend, greedy, device):
+    # SmolLM2's vocabulary; one row peaked, one flat (a nucleus of thousands).
+    zp, z0 = two_branch(2, 49152, seed=5, temperature=1.0, steepness=(1.0, 1.6), device=device)
+    kw = dict(ratio=2.0, temperature=1.0, top_p=0.9, greedy=greedy, seed=2)
+    got = linalign.step(zp, z0, backend=backend, **kw)
+    assert_same_step(got, reference(zp, z0, **kw), zp, 1.0, 0.9)
+    assert_nucleus_sizes(zp, 1.0, 0.9, got.nucleus_size, reference64(zp, z0, **kw).nucleus_size)
+
+
+def mixed_params(device):
+    ratio = torch.tensor([-1.0, 0.0, 0.5, 3.0, 10.0, 3.0, 5.0], device=device)
+    temperature = torch.tensor([0.0, 0.3, 0.5, 1.0, 2.0, 0.5, 1e-4], device=device)
+    top_p = torch.tensor([0.5, 1.0, 0.8, 0.9, 1e-6, 0.8, 0.8], device=device)
+    return dict(ratio=ratio, temperature=temperature, top_p=top_p)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("greedy", [True, False])
+def test_per_row_parameters(backend, greedy, device):
+    zp, z0 = two_branch(7, 777, seed=9, temperature=0.7, device=device)
+    kw = dict(mixed_params(device), greedy=greedy, seed=torch.arange(7, device=device) * 13)
+    got = linalign.step(zp, z0, backend=backend, **kw)
+    assert_same_step(got, reference(zp, z0, **kw), zp, kw["temperature"], kw["top_p"])
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_torch_path_full_row_route(backend, device):
+    # Rows whose nucleus does not fit the candidate set take the full-row route; force it.
+    from linalign.torch_backend import torch_step
+
+    zp, z0 = two_branch(5, 3000, seed=4, temperature=1.0, steepness=(1.0, 1.3), device=device)
+    for greedy in (True, False):
+        args = (zp, z0, 2.0, 1.0, torch.tensor([0.9, 1.0, 0.5, 0.99, 0.9], device=device))
+        want = linalign.StepOutput(*torch_step(*args, greedy=greedy, seed=3))
+        narrow = linalign.StepOutput(*torch_step(*args, greedy=greedy, seed=3, candidates=4))
+        assert (want.nucleus_size > 4).all()
+        assert torch.equal(narrow.tokens, want.tokens)
+        assert torch.equal(narrow.nucleus_size, want.nucleus_size)
+        ref = reference(zp, z0, ratio=2.0, temperature=1.0, top_p=args[4], greedy=greedy, seed=3)
+        assert_same_step(narrow, ref, zp, 1.0, args[4])
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_flat_one_hot_and_tied_rows(backend, device):
+    V = 300
+    g = torch.Generator().manual_seed(0)
+    flat = 0.01 * torch.randn(V, generator=g)
+    one_hot = torch.zeros(V)
+    one_hot[123] = 50.0
+    tied = torch.zeros(V)  # every token tied: all are kept, the lowest id wins ties
+    tied_top = torch.randn(V, generator=g)
+    tied_top[[7, 70, 200]] = 9.0  # three tied leaders
+    zp = torch.stack([flat, one_hot, tied, tied_top]).to(device)
+    z0 = (zp + torch.randn(4, V, generator=g).to(device)).clone()
+    z0[2] = 0.0
+    for greedy in (True, False):
+        kw = dict(ratio=1.5, temperature=1.0, top_p=0.7, greedy=greedy, seed=8)
+        got = linalign.step(zp, z0, backend=backend, **kw)
+        assert_same_step(got, reference(zp, z0, **kw), zp, 1.0, 0.7)
+        assert got.nucleus_size[1] == 1 and got.tokens[1] == 123
+        assert got.nucleus_size[2] == V and got.nucleus_size[3] == 3
+        if greedy:
+            assert got.tokens[2] == 0
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_ratio_zero_is_plain_top_p_of_principle(backend, device):
+    zp, z0 = two_branch(6, 500, seed=1, temperature=1.0, device=device)
+    other = torch.randn_like(z0) * 5
+    for greedy in (True, False):
+        kw = dict(ratio=0.0, temperature=1.0, top_p=0.8, greedy=greedy, seed=4)
+        a = linalign.step(zp, z0, backend=backend, **kw)
+        b = linalign.step(zp, other, backend=backend, **kw)  # z0 no longer matters
+        assert torch.equal(a.tokens, b.tokens)
+        torch.testing.assert_close(a.logprobs, b.logprobs)
+    # Against plain top-p written out: softmax of the principle branch on its nucleus.
+    probs = distribution(zp.cpu(), z0.cpu(), 0.0, 1.0, 0.8)
+    pi = torch.softmax(zp.cpu().double(), -1)
+    keep = probs > 0
+    torch.testing.assert_close(probs[keep], (pi * keep / (pi * keep).sum(-1, keepdim=True))[keep])
+    greedy = linalign.step(zp, z0, ratio=0.0, temperature=1.0, top_p=0.8, greedy=True,
+                           backend=backend)
+    assert torch.equal(greedy.tokens, zp.argmax(-1))
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_zero_temperature_rows_are_greedy(backend, device):
+    zp, z0 = two_branch(4, 400, seed=2, device=device)
+    T = torch.tensor([0.0, 1.0, 0.0, 1.0], device=device)
+    got = linalign.step(zp, z0, ratio=3.0, temperature=T, top_p=0.9, seed=5, backend=backend)
+    # The T -> 0 limit: the nucleus is the principle argmax, so the token is that argmax.
+    assert got.tokens[0] == zp[0].argmax() and got.tokens[2] == zp[2].argmax()
+    assert got.nucleus_size[0] == 1 and got.logprobs[0] == 0.0
+    # A tiny temperature behaves the same.
+    tiny = linalign.step(zp, z0, ratio=3.0, temperature=1e-4, top_p=0.9, seed=5, backend=backend)
+    assert torch.equal(tiny.tokens, zp.argmax(-1))
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_banned_tokens_are_never_chosen(backend, device):
+    zp, z0 = two_branch(3, 200, seed=6, temperature=1.0, device=device)
+    z0 = z0.clone()
+    zp = zp.clone()
+    # Row 0: ban the aligned winner in the without-branch (with r > 0 it would be +inf).
+    best = linalign.step(zp, z0, ratio=3.0, temperature=1.0, top_p=0.9, greedy=True,
+                         backend=backend).tokens
+    z0[0, best[0]] = float("-inf")
+    # Row 1: ban the principle argmax in the principle branch itself.
+    zp[1, zp[1].argmax()] = float("-inf")
+    # Row 2: ban the whole nucleus in the without-branch: falls back to r = 0.
+    in_n = linalign.reference.nucleus(zp[2].float().cpu(), 1.0, 0.9)
+    z0[2, in_n.to(device)] = float("-inf")
+    for greedy in (True, False):
+        kw = dict(ratio=3.0, temperature=1.0, top_p=0.9, greedy=greedy, seed=1)
+        got = linalign.step(zp, z0, backend=backend, **kw)
+        assert_same_step(got, reference(zp, z0, **kw), zp, 1.0, 0.9)
+        assert got.tokens[0] != best[0]
+        assert zp[1, got.tokens[1]] > float("-inf")
+        assert got.status.tolist() == [Status.OK, Status.OK, Status.FALLBACK]
+        plain = linalign.step(zp[2:], z0[2:], backend=backend, **dict(kw, ratio=0.0))
+        assert got.tokens[2] == plain.tokens[0]
+    # Sampling many times never draws a banned token.
+    rows = 32
+    zz = zp[:1].expand(rows, -1).contiguous()
+    oo = z0[:1].expand(rows, -1).contiguous()
+    draws = linalign.step(zz, oo, ratio=3.0, temperature=1.0, top_p=0.9, seed=9,
+                          backend=backend).tokens
+    assert not (draws == best[0]).any()
+
+
+@pytest.mark.parametrize("backend", FAST + ["reference"])
+@pytest.mark.parametrize("where", ["nan_p", "inf_0", "nan_0", "all_neg_inf_p"])
+def test_bad_input(backend, where, device):
+    zp, z0 = two_branch(4, 64, seed=3, device=device)
+    zp, z0 = zp.clone(), z0.clone()
+    if where == "nan_p":
+        zp[2, 5] = float("nan")
+    elif where == "inf_0":
+        z0[2, 7] = float("inf")
+    elif where == "nan_0":
+        z0[2, :] = float("nan")
+    else:
+        zp[2, :] = float("-inf")
+    with pytest.raises(ValueError, match=r"rows \[2\]"):
+        linalign.step(zp, z0, **LA, backend=backend)
+    seeds = torch.arange(4, device=device) + 1
+    for greedy in (True, False):
+        out = linalign.step(zp, z0, **LA, greedy=greedy, seed=seeds, backend=backend,
+                            check=False)
+        assert ((out.tokens >= 0) & (out.tokens < 64)).all()
+        # Row 2 is flagged (an all-NaN without-branch also bans the whole nucleus, so that
+        # row falls back too); the others are fine.
+        assert out.status[[0, 1, 3]].tolist() == [0, 0, 0]
+        assert out.status[2] & Status.BAD_INPUT
+        assert not torch.isnan(out.logprobs).any()
+        # The other rows are untouched by the bad one.
+        rows = [0, 1, 3]
+        good = linalign.step(zp[rows], z0[rows], **LA, greedy=greedy, seed=seeds[rows],
+                             backend=backend)
+        assert torch.equal(out.tokens[rows], good.tokens)
+
+
+@pytest.mark.parametrize("backend", FAST + ["reference"])
+def test_seeds(backend, device):
+    zp, z0 = two_branch(12, 300, seed=7, temperature=1.0, steepness=1.0, device=device)
+    kw = dict(ratio=1.0, temperature=1.0, top_p=0.95, backend=backend)
+    a = linalign.sample(zp, z0, seed=123, **kw)
+    assert torch.equal(a, linalign.sample(zp, z0, seed=123, **kw))
+    b = linalign.sample(zp, z0, seed=124, **kw)
+    c = linalign.sample(zp, z0, seed=123, offset=1, **kw)
+    assert (a != b).sum() >= 6 and (a != c).sum() >= 6  # flat rows: most draws change
+    # Per-row seeds: a row's token does not depend on the rest of the batch.
+    seeds = torch.arange(100, 112, device=device)
+    full = linalign.sample(zp, z0, seed=seeds, **kw)
+    part = linalign.sample(zp[5:9], z0[5:9], seed=seeds[5:9], **kw)
+    assert torch.equal(full[5:9], part)
+    # A torch.Generator in the same state gives the same tokens.
+    g1 = torch.Generator(device=device).manual_seed(5)
+    g2 = torch.Generator(device=device).manual_seed(5)
+    assert torch.equal(linalign.sample(zp, z0, generator=g1, **kw),
+                       linalign.sample(zp, z0, generator=g2, **kw))
+
+
+def test_seeded_backends_draw_the_same_tokens(device):
+    # The torch path and the reference reproduce the kernel's Philox stream exactly, so with
+    # the same seed all three draw the same token (unless u * S falls within fp32 rounding
+    # of a CDF step, which these fixed seeds do not hit).
+    zp, z0 = two_branch(48, 200, seed=8, temperature=1.0, steepness=(1.0, 1.5), device=device)
+    kw = dict(ratio=2.0, temperature=1.0, top_p=0.95, seed=77, offset=5)
+    tri = linalign.sample(zp, z0, backend="triton", **kw)
+    assert torch.equal(tri, linalign.sample(zp, z0, backend="torch", **kw))
+    assert torch.equal(tri, linalign.sample(zp, z0, backend="reference", **kw))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("setting", ["authors", "mixed"])
+def test_sampling_distribution(backend, setting, device):
+    """Chi-square goodness of fit of 20000 draws against the exact masked distribution.
+
+    Design: one row replicated 20000 times, one seed, so each row draws an independent
+    uniform (counter = row). Bins with expected count < 5 pooled. False-alarm rate
+    ALPHA = 1e-3 (fixed seeds: the outcome is deterministic). With about 10 bins it detects
+    (power 0.9) a chi-square distance sum((q - p)^2 / p) of 2.3e-3, e.g. 2 % of the mass
+    moved from a token of probability 0.3 to another (tests/helpers.detectable_shift).
+    "mixed" draws rows with different parameters in one batch and tests each.
+    """
+    n = 20000 if backend == "torch" else 2000
+    if setting == "authors":
+        zp, z0 = two_branch(1, 1000, seed=21, temperature=0.5, steepness=1.2, device=device)
+        params = [dict(ratio=3.0, temperature=0.5, top_p=0.8)]
+    else:
+        zp, z0 = two_branch(1, 500, seed=22, temperature=1.0, steepness=1.3, device=device)
+        params = [dict(ratio=-0.5, temperature=1.0, top_p=0.95),
+                  dict(ratio=5.0, temperature=2.0, top_p=0.6)]
+    k = len(params)
+    ratio = torch.tensor([p["ratio"] for p in params], device=device).repeat_interleave(n)
+    temp = torch.tensor([p["temperature"] for p in params], device=device).repeat_interleave(n)
+    top_p = torch.tensor([p["top_p"] for p in params], device=device).repeat_interleave(n)
+    tokens = linalign.sample(zp.expand(k * n, -1), z0.expand(k * n, -1), ratio=ratio,
+                             temperature=temp, top_p=top_p, seed=2024, backend=backend)
+    for i, p in enumerate(params):
+        probs = distribution(zp.cpu(), z0.cpu(), p["ratio"], p["temperature"], p["top_p"])[0]
+        assert (probs > 0).sum() >= 3, "the test needs a nucleus of several tokens"
+        chi_square(tokens[i * n:(i + 1) * n], probs)
+
+
+def test_kernel_samples_the_torch_paths_distribution(device):
+    """The kernel's draws (through the interpreter on CPU) are token-for-token those of the
+    torch path for the same uniforms, so they share its distribution (tested above with
+    20000 draws); a direct chi-square on 200 kernel draws (0.1 s each through the
+    interpreter) backs that up."""
+    n = 200
+    zp, z0 = two_branch(1, 300, seed=21, temperature=0.5, steepness=1.2, device=device)
+    zz, oo = zp.expand(n, -1), z0.expand(n, -1)
+    tri = linalign.sample(zz, oo, **LA, seed=99, backend="triton")
+    assert torch.equal(tri, linalign.sample(zz, oo, **LA, seed=99, backend="torch"))
+    chi_square(tri, distribution(zp.cpu(), z0.cpu(), **LA)[0])
+
+
+def test_triton_result_does_not_depend_on_block_size(device):
+    from linalign.kernels import la_step
+
+    zp, z0 = two_branch(3, 5000, seed=12, temperature=1.0, steepness=(1.0, 1.4), device=device)
+    outs = [la_step(zp, z0, 2.0, 1.0, 0.9, greedy=False, seed=5, block=blk) for blk in (256, 4096)]
+    for a, b in zip(*outs):
+        assert torch.equal(a, b) or torch.allclose(a.float(), b.float(), atol=1e-5)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][2], outs[1][2])
+
+
+def test_auto_backend_and_sample(device):
+    zp, z0 = two_branch(2, 100, seed=1, device=device)
+    want = "triton" if device.type == "cuda" else "torch"
+    got = linalign.step(zp, z0, **LA, greedy=True)
+    assert torch.equal(got.tokens, linalign.step(zp, z0, **LA, greedy=True, backend=want).tokens)
+    assert torch.equal(linalign.sample(zp, z0, **LA, greedy=True), got.tokens)
