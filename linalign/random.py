@@ -18,31 +18,28 @@ _ROUNDS = 10
 _SCALE = 4.6566127342e-10
 
 
-def _mul_hi_lo(a: int, b: torch.Tensor):
-    # (hi, lo) 32-bit words of the 64-bit product a * b, a < 2**32 constant, b: int64 in
-    # [0, 2**32). Split b into 16-bit halves so no partial product overflows int64.
-    b_lo, b_hi = b & 0xFFFF, b >> 16
-    ll, hl = a * b_lo, a * b_hi  # each < 2**48
-    lo = (ll + ((hl & 0xFFFF) << 16)) & _M32
-    hi = (hl + (ll >> 16)) >> 16
-    return hi, lo
-
-
 def philox_uniform(seed: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:
     """``tl.rand(seed, c0 | c1 << 32)`` for int64 tensors (broadcast together): fp32 in [0, 1)."""
     seed, c0, c1 = torch.broadcast_tensors(seed, c0, c1)
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
-    c0, c1 = c0 & _M32, c1 & _M32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
+    # Philox state in pairs so each round is a handful of tensor ops:
+    # x = (c0, c2), y = (c1, c3), key = (k0, k1); words are int64 holding uint32 values.
+    x = torch.stack([c0 & _M32, torch.zeros_like(c0)])
+    y = torch.stack([c1 & _M32, torch.zeros_like(c0)])
+    key = torch.stack([seed & _M32, (seed >> 32) & _M32])
+    mul = torch.tensor([_ROUND_B, _ROUND_A]).view(2, *([1] * c0.dim()))
+    bump = torch.tensor([_KEY_A, _KEY_B]).view(2, *([1] * c0.dim()))
     for _ in range(_ROUNDS):
-        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
-    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # bitcast to int32
-    x = torch.where(x < 0, -x - 1, x)
-    return x.to(torch.float32) * torch.tensor(_SCALE, dtype=torch.float32)
+        # (B * c2, A * c0): a 64-bit product of two uint32 words. When it passes 2**63 the
+        # int64 product wraps, which leaves the low word intact and the arithmetic shift
+        # gives hi - 2**32, whose low 32 bits are hi again (checked bit for bit against
+        # tl.rand in tests/test_random.py).
+        prod = mul * x.flip(0)
+        x, y = ((prod >> 32) & _M32) ^ y ^ key, prod & _M32
+        key = (key + bump) & _M32
+    v = x[0]
+    v = torch.where(v >= 2**31, v - 2**32, v)  # bitcast to int32
+    v = torch.where(v < 0, -v - 1, v)
+    return v.to(torch.float32) * torch.tensor(_SCALE, dtype=torch.float32)
 
 
 def row_uniforms(B, device, *, generator=None, seed=None, offset=0) -> torch.Tensor:

@@ -4,16 +4,20 @@ as a fallback on GPUs without Triton).
 How it avoids sorting the vocabulary:
 
 1. One streaming pass gives the row max ``m`` and ``Z = sum exp((z_p - m) / T)``.
-2. ``torch.topk(k=256, sorted=False)`` selects the candidate tokens (a selection, O(V)),
-   which are put in vocabulary order (a sort of 256 ids, not of the vocabulary).
+2. ``torch.topk(k, sorted=False)`` selects k candidate tokens (a selection, O(V)), which
+   are put in vocabulary order (a sort of k ids, not of the vocabulary). First k = 256 (a
+   real row's nucleus is a handful to a few hundred tokens); rows whose nucleus turns out
+   larger try again with k sized by one ``bincount`` of their masses over 1024 slices of
+   the distance from the max (the nucleus plus about two slices of 0.08 T); a row that still
+   does not fit (only if fp32 rounding beat that margin) uses the whole row.
 3. The threshold ``tau`` (the smallest logit whose mass-above is below ``top_p * Z``) is
-   found by a weighted radix select over the candidates' order-preserving 32-bit keys: three
+   found by a weighted radix select over the candidates' order-preserving int32 keys: three
    ``bincount`` levels of 11, 11 and 10 bits. Exact: comparisons are on the logits, only
    the fp32 mass sums round.
-4. If ``tau`` lies strictly above the k-th candidate, every nucleus token is a candidate and
-   the rest of the step (aligned scores, greedy argmax or inverse-CDF draw, log-prob) runs on
-   [B, 256]. Rows whose nucleus does not fit (flat rows, ``top_p = 1``) redo steps 3 and 4
-   on the full row, still vectorised: same functions, wider input.
+4. If ``tau`` lies strictly above the smallest candidate (checked exactly), every nucleus
+   token is a candidate and the rest of the step (aligned scores, greedy argmax or
+   inverse-CDF draw, log-prob) runs on [B, k]; otherwise the row moves to the next k. Every
+   try runs the same two functions, vectorised over its rows.
 
 Randomness: one uniform per row (``linalign.random``), so a seeded call draws the same
 tokens as the Triton kernel.
@@ -23,54 +27,58 @@ import torch
 from .random import row_uniforms
 from .reference import GAP, aligned_scores
 
-CANDIDATES = 256
+CANDIDATES = 256  # first try: the nucleus of a real row is a handful to a few hundred tokens
+BUCKETS = 1024  # slices of the gap window [0, 80 T] used to size the candidate set
 _INF = float("inf")
 
 
-def _ukey(x: torch.Tensor) -> torch.Tensor:
-    # Order-preserving key of fp32 values as int64 in [0, 2**32); -0.0 and +0.0 are equal.
-    b = (x + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into +0.0
-    return torch.where(b < 0, b ^ 0x7FFFFFFF, b) + 2**31
+def order_key(x: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int32 key of fp32 values (-0.0 and +0.0 get the same key)."""
+    b = (x + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0 (and copies)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
 
 
-def radix_threshold(ukey: torch.Tensor, w: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+def radix_threshold(key: torch.Tensor, w: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
     """Smallest key whose mass strictly above is below ``thr``, by a weighted radix select.
 
-    ukey: [R, W] int64 keys in [0, 2**32); w: [R, W] masses (0 = not a candidate, > 0
-    otherwise); thr: [R]. Returns [R] int64 keys. Each level histograms the masses of the
-    keys that share the prefix found so far, and keeps the lowest non-empty bin whose mass
-    strictly above (plus the mass above the prefix) is below ``thr``.
+    key: [R, W] int32 order keys; w: [R, W] fp32 masses (0 = not a candidate, > 0
+    otherwise); thr: [R]. Returns [R] int32 keys. Each level histograms the masses of the
+    keys that share the prefix found so far (11, 11 and 10 bits of the key with its sign bit
+    flipped, i.e. read as unsigned), and keeps the lowest non-empty bin whose mass strictly
+    above (plus the mass above the prefix) is below ``thr``.
     """
-    R, W = ukey.shape
-    rows = torch.arange(R, device=ukey.device)[:, None]
-    prefix = torch.zeros(R, dtype=torch.int64, device=ukey.device)
-    above = torch.zeros(R, dtype=torch.float64, device=ukey.device)
-    inside = w > 0
-    wf = w.flatten()
+    R, W = key.shape
+    u = key ^ -(2**31)  # unsigned order in the bit pattern; shifts are masked below
+    offsets = (torch.arange(R, device=key.device, dtype=torch.int32) * 2048)[:, None]
+    prefix = torch.zeros(R, dtype=torch.int32, device=key.device)
+    above = torch.zeros(R, dtype=torch.float64, device=key.device)
     for shift, bits in ((21, 11), (10, 11), (0, 10)):
         nb = 1 << bits
+        wl = w
         if shift != 21:
-            inside = inside & ((ukey >> (shift + bits)) == prefix[:, None])
-        idx = torch.where(inside, ((ukey >> shift) & (nb - 1)) + rows * nb, R * nb)
-        hist = torch.bincount(idx.flatten(), weights=wf, minlength=R * nb + 1)
-        hist = hist[: R * nb].view(R, nb).to(torch.float64)
+            high = 32 - shift - bits
+            wl = w * (((u >> (shift + bits)) & ((1 << high) - 1)) == prefix[:, None])
+        idx = ((u >> shift) & (nb - 1)) + offsets
+        hist = torch.bincount(idx.flatten(), weights=wl.flatten(), minlength=R * 2048)
+        hist = hist.view(R, 2048)[:, :nb].to(torch.float64)
         at_or_above = hist.flip(-1).cumsum(-1).flip(-1)
         strictly_above = above[:, None] + torch.cat([at_or_above[:, 1:], hist[:, :1] * 0], -1)
         ok = (hist > 0) & (strictly_above < thr[:, None])
         b = ok.to(torch.int8).argmax(-1)  # the first (lowest) bin that qualifies
         above = strictly_above.gather(-1, b[:, None]).squeeze(-1)
-        prefix = (prefix << bits) | b
-    return prefix
+        prefix = (prefix << bits) | b.to(torch.int32)
+    return prefix ^ -(2**31)
 
 
-def _finish(cz, cz0, cidx, tau, inv_t, r, t0, greedy, u):
+def _finish(cz, ckey, cz0, cidx, tau, inv_t, r, t0, greedy, u):
     """Aligned step on candidate columns given the threshold key ``tau`` per row.
 
     cz, cz0: [R, W] fp32 principle / without logits of the candidates, in vocabulary order;
-    cidx: [R, W] their token ids; tau: [R]; inv_t, r: [R] fp32; t0: [R] bool (T = 0 rows);
-    u: [R] uniforms or None (greedy). Returns (tokens, logprobs, nucleus sizes, fallback).
+    ckey: [R, W] order keys of cz; cidx: [R, W] their token ids; tau: [R]; inv_t, r: [R]
+    fp32; t0: [R] bool (T = 0 rows); u: [R] uniforms or None (greedy).
+    Returns (tokens, logprobs, nucleus sizes, fallback).
     """
-    in_n = (_ukey(cz) >= tau[:, None]) & (cz > -_INF)
+    in_n = (ckey >= tau[:, None]) & (cz > -_INF)
     ok = in_n & (cz0 > -_INF)  # banned stays banned
     n_in = in_n.sum(-1, dtype=torch.int32)
     fallback = ~ok.any(-1) & (n_in > 0)
@@ -100,12 +108,62 @@ def _row_param(x, B, device):
     return torch.full((B,), x, dtype=torch.float32, device=device)
 
 
+def candidate_count(dist, e, inv_t, thr, t0, p):
+    """How many top logits per row surely hold the nucleus (a small superset of it).
+
+    dist: [R, V] distance ``m - z_p`` (+inf for banned tokens), overwritten; e: [R, V] the
+    masses ``exp(-dist / T)``. One bincount histograms the mass over BUCKETS equal slices of
+    the gap window [0, 80 T] (one more bucket for everything beyond); the nucleus ends in
+    the last bucket whose closer buckets hold less than ``thr``. Returns the [R] counts of
+    tokens up to one bucket past that one, plus one (the margin absorbs fp32 rounding; the
+    caller checks exactly that the nucleus fits).
+    """
+    R = dist.shape[0]
+    nb = BUCKETS
+    # In place where possible: on the CPU every fresh [B, V] buffer costs page faults.
+    bucket = dist.mul_((inv_t * (nb / GAP))[:, None]).clamp_(max=nb).to(torch.int32)
+    bucket += (torch.arange(R, device=dist.device, dtype=torch.int32) * (nb + 1))[:, None]
+    flat = bucket.view(-1)
+    size = R * (nb + 1)
+    mass = torch.bincount(flat, weights=e.view(-1), minlength=size).view(R, nb + 1)
+    count = torch.bincount(flat, minlength=size).view(R, nb + 1)
+    mass = mass[:, :nb].to(torch.float64)
+    closer = mass.cumsum(-1) - mass
+    qualifies = (mass > 0) & (closer < thr[:, None])
+    last = nb - 1 - qualifies.flip(-1).to(torch.int8).argmax(-1)
+    last = torch.where(t0, 0, torch.where(p >= 1, nb - 1, last))
+    limit = (last + 1).clamp(max=nb - 1)
+    # One more than the count, so that the exact check below sees a candidate under tau.
+    return count.cumsum(-1).gather(-1, limit[:, None]).squeeze(-1) + 1
+
+
+def _solve(zp, z0, e, k, thr, cut_key, no_search, inv_t, r, t0, greedy, u):
+    """The step for a set of rows on their k largest principle logits (all of them when
+    k == V). Returns (tokens, logprobs, nucleus sizes, fallback, fits): ``fits`` says where
+    the candidates surely held the whole nucleus (the other rows' results are not valid)."""
+    R, V = zp.shape
+    if k >= V:  # every token is a candidate: no selection (and no sort of the vocabulary)
+        cval, cidx = zp, torch.arange(V, device=zp.device).expand(R, V)
+    else:
+        cval, cidx = zp.topk(k, dim=-1, sorted=False)
+        cidx, order = cidx.sort(-1)  # vocabulary order (k ids) for the inverse CDF
+        cval = cval.gather(-1, order)
+    ckey = order_key(cval)
+    cw = e.gather(-1, cidx) * (ckey >= cut_key[:, None])
+    tau = torch.where(no_search, cut_key, radix_threshold(ckey, cw, thr))
+    # Exact check: tau strictly above the smallest candidate means every token at or above
+    # tau (ties included) is a candidate.
+    fits = (tau > ckey.amin(-1)) | (k >= V)
+    out = _finish(cval, ckey, z0.gather(-1, cidx).float(), cidx, tau, inv_t, r, t0, greedy, u)
+    return (*out, fits)
+
+
 def torch_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, generator=None,
-               seed=None, offset=0, candidates=CANDIDATES):
+               seed=None, offset=0, candidates=(CANDIDATES, "sized")):
     """The step on validated arguments (see ``linalign.step``); returns four [B] tensors.
 
-    ``candidates``: how many top principle logits the fast route looks at (tests lower it
-    to force the full-row route).
+    ``candidates``: the candidate-set sizes tried in turn by the rows that are still
+    unresolved: numbers, or "sized" for ``candidate_count``; the full row comes last.
     """
     B, V = logits_p.shape
     dev = logits_p.device
@@ -127,36 +185,40 @@ def torch_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, generat
         m = zp.amax(-1)
     empty = m == -_INF
     ref = torch.where(empty, 0.0, m)
-    e = torch.exp((zp - ref[:, None]) * inv_t[:, None])
+    # exp((z_p - m) / T), bit for bit what the kernel computes; in place (on the CPU every
+    # fresh [B, V] buffer costs page faults).
+    e = (zp - ref[:, None]).mul_(inv_t[:, None]).exp_()
     thr = (p * e.sum(-1)).to(torch.float64)
     cut = m - GAP * torch.where(t0, 0.0, T)  # the gap rule, in fp32 like every backend
     # Rows with nothing to search: T = 0 (N = the ties at the max) and top_p = 1.
     no_search = t0 | (p >= 1) | empty
-    cut_key = _ukey(cut)
-
-    k = min(V, candidates)
-    cval, cidx = zp.topk(k, dim=-1, sorted=False)
-    cidx, order = cidx.sort(-1)  # vocabulary order for the inverse CDF
-    cval = cval.gather(-1, order)
-    ckey = _ukey(cval)
-    cw = torch.where(cval >= cut[:, None], e.gather(-1, cidx), 0.0)
-    tau = torch.where(no_search, cut_key, radix_threshold(ckey, cw, thr))
-    fits = (tau > ckey.amin(-1)) | (k == V)
-
+    cut_key = order_key(cut)
     u = None if greedy else row_uniforms(B, dev, generator=generator, seed=seed, offset=offset)
-    cz0 = z0.gather(-1, cidx).float()
-    tokens, logprobs, sizes, fallback = _finish(
-        cval, cz0, cidx, tau, inv_t, r, t0, greedy, u)
-    if not bool(fits.all()):
-        rows = (~fits).nonzero().flatten()
-        zr, er = zp[rows], e[rows]
-        wr = torch.where(zr >= cut[rows, None], er, 0.0)
-        tau_r = torch.where(no_search[rows], cut_key[rows], radix_threshold(_ukey(zr), wr, thr[rows]))
-        full = torch.arange(V, device=dev).expand(len(rows), V)
-        out = _finish(zr, z0[rows].float(), full, tau_r, inv_t[rows], r[rows], t0[rows], greedy,
-                      None if u is None else u[rows])
-        for dst, src in zip((tokens, logprobs, sizes, fallback), out):
-            dst[rows] = src
+
+    per_row = (thr, cut_key, no_search, inv_t, r, t0)
+    results = None
+    rows = None  # None: all rows
+    for k in (*candidates, V):
+        if rows is None:
+            zr, z0r, er, args, ur = zp, z0, e, per_row, u
+        else:
+            zr, z0r, er = zp[rows], z0[rows], e[rows]
+            args, ur = tuple(x[rows] for x in per_row), None if u is None else u[rows]
+        if k == "sized":
+            dist = ref[rows if rows is not None else slice(None), None] - zr
+            k = int(candidate_count(dist, er, args[3], args[0], args[5], p if rows is None
+                                    else p[rows]).max())
+        *out, fits = _solve(zr, z0r, er, min(int(k), V), *args, greedy, ur)
+        if results is None:
+            results = out
+        else:
+            for dst, src in zip(results, out):
+                dst[rows] = src
+        if bool(fits.all()):
+            break
+        pending = (~fits).nonzero().flatten()
+        rows = pending if rows is None else rows[pending]
+    tokens, logprobs, sizes, fallback = results
     status = fallback.to(torch.int32) | torch.where(bad | empty, 2, 0).to(torch.int32)
     tokens = torch.where(empty, 0, tokens)
     logprobs = torch.where(empty, -_INF, logprobs)

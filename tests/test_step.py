@@ -79,21 +79,44 @@ def test_per_row_parameters(backend, greedy, device):
     assert_same_step(got, reference(zp, z0, **kw), zp, kw["temperature"], kw["top_p"])
 
 
-@pytest.mark.parametrize("backend", FAST)
-def test_torch_path_full_row_route(backend, device):
-    # Rows whose nucleus does not fit the candidate set take the full-row route; force it.
+@pytest.mark.parametrize("tiers", [(4,), (4, "sized"), ("sized",)])
+def test_torch_path_candidate_tiers(tiers, device):
+    # The torch path tries a candidate set of 256, then one sized from a mass histogram,
+    # then the full row. Force each route with a first try too small for these nuclei.
     from linalign.torch_backend import torch_step
 
     zp, z0 = two_branch(5, 3000, seed=4, temperature=1.0, steepness=(1.0, 1.3), device=device)
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.99, 0.9], device=device)
     for greedy in (True, False):
-        args = (zp, z0, 2.0, 1.0, torch.tensor([0.9, 1.0, 0.5, 0.99, 0.9], device=device))
+        args = (zp, z0, 2.0, 1.0, top_p)
         want = linalign.StepOutput(*torch_step(*args, greedy=greedy, seed=3))
-        narrow = linalign.StepOutput(*torch_step(*args, greedy=greedy, seed=3, candidates=4))
         assert (want.nucleus_size > 4).all()
-        assert torch.equal(narrow.tokens, want.tokens)
-        assert torch.equal(narrow.nucleus_size, want.nucleus_size)
-        ref = reference(zp, z0, ratio=2.0, temperature=1.0, top_p=args[4], greedy=greedy, seed=3)
-        assert_same_step(narrow, ref, zp, 1.0, args[4])
+        got = linalign.StepOutput(*torch_step(*args, greedy=greedy, seed=3, candidates=tiers))
+        assert torch.equal(got.tokens, want.tokens)
+        assert torch.equal(got.nucleus_size, want.nucleus_size)
+        ref = reference(zp, z0, ratio=2.0, temperature=1.0, top_p=top_p, greedy=greedy, seed=3)
+        assert_same_step(got, ref, zp, 1.0, top_p)
+
+
+def test_candidate_count_covers_the_nucleus():
+    from linalign.torch_backend import BUCKETS, candidate_count
+
+    zp, _ = two_branch(6, 5000, seed=14, temperature=1.0, steepness=(1.0, 2.0))
+    T = torch.tensor([1.0, 1.0, 0.5, 2.0, 0.0, 1.0])
+    p = torch.tensor([0.8, 0.95, 0.8, 0.5, 0.9, 1.0])
+    want = reference64(zp, zp, ratio=0.0, temperature=T, top_p=p, greedy=True).nucleus_size
+    t0 = T == 0
+    inv_t = 1 / torch.where(t0, 1.0, T)
+    m = zp.amax(-1, keepdim=True)
+    e = ((zp - m) * inv_t[:, None]).exp()
+    k = candidate_count(m - zp, e, inv_t, (p * e.sum(-1)).double(), t0, p)
+    assert (k > want).all()
+    # Not much more: the nucleus plus about two slices of the gap window.
+    dist = (m - zp) * inv_t[:, None]
+    for b in range(6):
+        if p[b] < 1 and not t0[b]:
+            edge = dist[b].sort().values[int(want[b]) - 1] + 2 * 80.0 / BUCKETS + 1e-4
+            assert k[b] <= int((dist[b] <= edge).sum()) + 1
 
 
 @pytest.mark.parametrize("backend", FAST)
