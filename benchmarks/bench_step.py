@@ -5,6 +5,8 @@ and appends one row per measurement to a CSV under benchmarks/results/):
 
     python benchmarks/bench_step.py                  # B in {1, 8, 64}, V in {32000, 49152, 128256}
     python benchmarks/bench_step.py --quick          # B = 8, V = 49152 only
+    python benchmarks/bench_step.py --quick --steepness 1.0,1.0   # flat rows
+    python benchmarks/bench_step.py --report benchmarks/results/step_cpu.csv  # as markdown
 
 As pytest-benchmark tests (CPU grid: B = 1 and 8, V = 49152):
 
@@ -37,8 +39,8 @@ from linalign.testing import two_branch
 
 SETTING = dict(ratio=3.0, temperature=0.5, top_p=0.8)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-FIELDS = ["op", "B", "V", "dtype", "mode", "provider", "median_ms", "spread_ms", "device",
-          "threads", "versions", "date"]
+FIELDS = ["op", "B", "V", "dtype", "rows", "mode", "provider", "median_ms", "spread_ms",
+          "device", "threads", "versions", "date"]
 
 
 def providers(device):
@@ -95,7 +97,7 @@ def device_name(device):
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
-def run(sizes, modes, device, threads, out_csv, dtype=torch.float32):
+def run(sizes, modes, device, threads, out_csv, dtype=torch.float32, steepness=(1.2, 2.0)):
     torch.set_num_threads(threads)
     table = providers(device)
     timer = time_gpu if device.type == "cuda" else time_cpu
@@ -107,14 +109,14 @@ def run(sizes, modes, device, threads, out_csv, dtype=torch.float32):
     print(header + "   authors/torch  reference/torch")
     for B, V in sizes:
         zp, z0 = two_branch(B, V, seed=B * 7 + V, temperature=SETTING["temperature"],
-                            device=device, dtype=dtype)
+                            steepness=steepness, device=device, dtype=dtype)
         for mode in modes:
             med = {}
             for name, fn in table.items():
                 m, s = timer(lambda: fn(zp, z0, mode))
                 med[name] = m
                 rows.append(dict(op="step", B=B, V=V, dtype=str(dtype).replace("torch.", ""),
-                                 mode=mode, provider=name, median_ms=f"{m:.4f}",
+                                 rows=f"zipf {steepness[0]}-{steepness[1]}", mode=mode, provider=name, median_ms=f"{m:.4f}",
                                  spread_ms=f"{s:.4f}", **info))
             ratios = f"{med['authors'] / med['torch']:>14.1f}x {med['reference'] / med['torch']:>15.1f}x"
             print(f"{B:>4} {V:>7} {mode:>6} " + " ".join(f"{med[p]:>14.3f} ms" for p in table)
@@ -131,6 +133,29 @@ def run(sizes, modes, device, threads, out_csv, dtype=torch.float32):
     return rows
 
 
+def report(csv_path):
+    """Markdown tables of a results CSV: for each kind of rows, its latest run."""
+    with open(csv_path) as f:
+        every = list(csv.DictReader(f))
+    for kind in dict.fromkeys(r["rows"] for r in every):
+        rows = [r for r in every if r["rows"] == kind]
+        latest = max(r["date"] for r in rows)
+        rows = [r for r in rows if r["date"] == latest]
+        names = list(dict.fromkeys(r["provider"] for r in rows))
+        cells = {}
+        for r in rows:
+            key = (int(r["B"]), int(r["V"]), r["mode"])
+            cells.setdefault(key, {})[r["provider"]] = float(r["median_ms"])
+        print(f"{kind} rows; {rows[0]['device']}, {rows[0]['threads']} thread(s), "
+              f"{rows[0]['versions']}, {latest}\n")
+        print("| B | V | mode | " + " | ".join(f"{n} (ms)" for n in names) + " | authors / torch |")
+        print("|---" * (4 + len(names)) + "|")
+        for (B, V, mode), med in sorted(cells.items()):
+            print(f"| {B} | {V} | {mode} | " + " | ".join(f"{med[n]:.2f}" for n in names)
+                  + f" | {med['authors'] / med['torch']:.1f}x |")
+        print()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="only B = 8, V = 49152")
@@ -139,12 +164,19 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--out", default=None, help="CSV to append to (default: "
                     "benchmarks/results/step_<device>.csv)")
+    ap.add_argument("--steepness", default="1.2,2.0", help="Zipf steepness range of the rows "
+                    "(default 1.2,2.0: a 0.8 nucleus of 3 to ~450 tokens; 1.0,1.0: flat rows)")
+    ap.add_argument("--report", metavar="CSV", help="print the latest run in CSV as a "
+                    "markdown table and exit")
     args = ap.parse_args(argv)
+    if args.report:
+        return report(args.report)
     device = torch.device(args.device)
     sizes = [(8, 49152)] if args.quick else [(B, V) for V in (32000, 49152, 128256)
                                              for B in (1, 8, 64)]
     out = args.out or os.path.join(RESULTS, f"step_{device.type}.csv")
-    run(sizes, ("greedy", "sample"), device, args.threads, out, getattr(torch, args.dtype))
+    steep = tuple(float(x) for x in args.steepness.split(","))
+    run(sizes, ("greedy", "sample"), device, args.threads, out, getattr(torch, args.dtype), steep)
 
 
 # ---- pytest-benchmark entry points (CPU grid) ----

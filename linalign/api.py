@@ -205,14 +205,19 @@ def step(logits_p, logits_0, *, ratio, temperature=1.0, top_p=1.0, greedy=False,
         out = reference_step(logits_p, logits_0, r, T, p, greedy=greedy,
                              generator=generator, seed=seed, offset=offset)
     out = StepOutput(*out)
-    if check and out.status.numel():
-        bad = (out.status & int(Status.BAD_INPUT)) != 0
-        if bool(bad.any()):
-            raise ValueError(f"rows {_rows(bad)}: NaN or +inf in logits_p or logits_0, or no "
-                             "finite logit in logits_p; expected finite logits (-inf allowed "
-                             "to ban a token). Pass check=False to get Status.BAD_INPUT "
-                             "instead.")
+    if check:
+        raise_on_bad_rows(out)
     return out
+
+
+def raise_on_bad_rows(out: StepOutput):
+    """The check=True behaviour: ValueError naming the rows flagged BAD_INPUT."""
+    bad = (out.status & int(Status.BAD_INPUT)) != 0
+    if out.status.numel() and bool(bad.any()):
+        raise ValueError(f"rows {_rows(bad)}: NaN or +inf in logits_p or logits_0, or no "
+                         "finite logit in logits_p; expected finite logits (-inf allowed "
+                         "to ban a token). Pass check=False to get Status.BAD_INPUT "
+                         "instead.")
 
 
 def sample(logits_p, logits_0, **kwargs) -> torch.Tensor:

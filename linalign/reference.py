@@ -122,8 +122,8 @@ def step(logits_p, logits_0, *, ratio, temperature=1.0, top_p=1.0, greedy=False,
          generator=None, seed=None, offset=0, check=True, dtype=torch.float32):
     """``linalign.step``'s contract, computed by the reference (``dtype=torch.float64`` for
     exact masses). Same arguments (see ``linalign.api``), no ``backend``."""
+    from .api import StepOutput, prepare, raise_on_bad_rows
     from .api import step as api_step
-    from .api import StepOutput, prepare, Status
 
     if dtype == torch.float32:
         return api_step(logits_p, logits_0, ratio=ratio, temperature=temperature, top_p=top_p,
@@ -134,6 +134,6 @@ def step(logits_p, logits_0, *, ratio, temperature=1.0, top_p=1.0, greedy=False,
     out = StepOutput(*reference_step(logits_p, logits_0, r, T, p, greedy=greedy,
                                      generator=generator, seed=seed, offset=offset,
                                      dtype=dtype))
-    if check and bool(((out.status & int(Status.BAD_INPUT)) != 0).any()):
-        raise ValueError("NaN or +inf in the logits, or no finite principle logit")
+    if check:
+        raise_on_bad_rows(out)
     return out

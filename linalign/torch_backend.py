@@ -195,20 +195,17 @@ def torch_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, generat
     cut_key = order_key(cut)
     u = None if greedy else row_uniforms(B, dev, generator=generator, seed=seed, offset=offset)
 
-    per_row = (thr, cut_key, no_search, inv_t, r, t0)
     results = None
-    rows = None  # None: all rows
+    rows = torch.arange(B, device=dev)  # the rows still unresolved
     for k in (*candidates, V):
-        if rows is None:
-            zr, z0r, er, args, ur = zp, z0, e, per_row, u
-        else:
-            zr, z0r, er = zp[rows], z0[rows], e[rows]
-            args, ur = tuple(x[rows] for x in per_row), None if u is None else u[rows]
+        sub = (lambda x: x) if len(rows) == B else (lambda x: x[rows])  # noqa: E731
+        zr, er, inv_r = sub(zp), sub(e), sub(inv_t)
         if k == "sized":
-            dist = ref[rows if rows is not None else slice(None), None] - zr
-            k = int(candidate_count(dist, er, args[3], args[0], args[5], p if rows is None
-                                    else p[rows]).max())
-        *out, fits = _solve(zr, z0r, er, min(int(k), V), *args, greedy, ur)
+            k = int(candidate_count(sub(ref)[:, None] - zr, er, inv_r, sub(thr), sub(t0),
+                                    sub(p)).max())
+        *out, fits = _solve(zr, sub(z0), er, min(int(k), V), sub(thr), sub(cut_key),
+                            sub(no_search), inv_r, sub(r), sub(t0), greedy,
+                            None if u is None else sub(u))
         if results is None:
             results = out
         else:
@@ -216,8 +213,7 @@ def torch_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, generat
                 dst[rows] = src
         if bool(fits.all()):
             break
-        pending = (~fits).nonzero().flatten()
-        rows = pending if rows is None else rows[pending]
+        rows = rows[~fits]
     tokens, logprobs, sizes, fallback = results
     status = fallback.to(torch.int32) | torch.where(bad | empty, 2, 0).to(torch.int32)
     tokens = torch.where(empty, 0, tokens)
