@@ -47,9 +47,9 @@ _helper = (lambda fn: fn) if os.environ.get("TRITON_INTERPRET", "0") == "1" else
 
 # Largest finite fp32: aligned scores are clamped to +-FMAX so that hostile but finite
 # inputs (+-1e30 with a large ratio) never produce inf - inf = NaN.
-FMAX = 3.4028234663852886e38
+FMAX = tl.constexpr(3.4028234663852886e38)
 # A token whose principle logit is more than GAP * T below the row's best is never in N.
-GAP = 80.0
+GAP = tl.constexpr(80.0)
 
 
 @_helper
