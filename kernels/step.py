@@ -77,6 +77,19 @@ def _unkey(k):
 
 
 @_helper
+def _load_nucleus(rowp, row0, offs, V, tau):
+    # One block of a row on the nucleus: the principle logits x (the whole block, to test
+    # membership key(x) >= tau), and the without-branch y, read only where the token is in N.
+    msk = offs < V
+    x = tl.load(rowp + offs, mask=msk, other=float("-inf")).to(tl.float32)
+    x, _ = _sanitize(x)
+    in_n = msk & (_key(x).to(tl.int64) >= tau) & (x > float("-inf"))
+    y = tl.load(row0 + offs, mask=in_n, other=float("-inf")).to(tl.float32)
+    y, _ = _sanitize(y)
+    return x, y, in_n
+
+
+@_helper
 def _aligned(x, y, r):
     # a = z_p + r * (z_p - z_0), clamped to the finite range (see FMAX).
     d = tl.minimum(tl.maximum(x - y, -FMAX), FMAX)
@@ -196,13 +209,7 @@ def la_step_kernel(
     n_in = tl.zeros((), tl.int32)
     for start in range(0, V, BLOCK):
         offs = start + cols
-        msk = offs < V
-        x = tl.load(rowp + offs, mask=msk, other=float("-inf")).to(tl.float32)
-        x, _ = _sanitize(x)
-        in_n = msk & (_key(x).to(tl.int64) >= tau) & (x > float("-inf"))
-        # The without-branch is read only where the row is in the nucleus.
-        y = tl.load(row0 + offs, mask=in_n, other=float("-inf")).to(tl.float32)
-        y, _ = _sanitize(y)
+        x, y, in_n = _load_nucleus(rowp, row0, offs, V, tau)
         ok = in_n & (y > float("-inf"))
         a = tl.where(ok, _aligned(x, y, r), float("-inf"))
         n_in += tl.sum(in_n.to(tl.int32), axis=0)
@@ -247,12 +254,7 @@ def la_step_kernel(
         last_s = tl.full((), float("-inf"), tl.float32)
         for start in range(0, V, BLOCK):
             offs = start + cols
-            msk = offs < V
-            x = tl.load(rowp + offs, mask=msk, other=float("-inf")).to(tl.float32)
-            x, _ = _sanitize(x)
-            in_n = msk & (_key(x).to(tl.int64) >= tau) & (x > float("-inf"))
-            y = tl.load(row0 + offs, mask=in_n, other=float("-inf")).to(tl.float32)
-            y, _ = _sanitize(y)
+            x, y, in_n = _load_nucleus(rowp, row0, offs, V, tau)
             ok = tl.where(fallback, in_n, in_n & (y > float("-inf")))
             s = tl.where(ok, _aligned(x, y, r_eff), float("-inf"))
             w = tl.exp((s - s_max) * inv_t)
