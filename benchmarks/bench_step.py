@@ -53,7 +53,7 @@ def providers(device):
         "authors": lambda zp, z0, mode: authors_step(zp, z0, **greedy_kw(mode)),
     }
     if device.type == "cuda":
-        compiled = torch.compile(authors_step)
+        compiled = torch.compile(authors_step, dynamic=True)
         table["triton"] = lambda zp, z0, mode: linalign.step(zp, z0, backend="triton", seed=0,
                                                              **greedy_kw(mode))
         table["authors-compiled"] = lambda zp, z0, mode: compiled(zp, z0, **greedy_kw(mode))
