@@ -72,7 +72,9 @@ def row_step(zp, z0, r, T, top_p, greedy, u):
     greedy_token = int(torch.argmax(a))  # torch.argmax returns the first maximal index
     if T == 0:
         return greedy_token, 0.0, int(in_n.sum()), status
-    logp = torch.log_softmax(a / T, dim=0)
+    # Shifting by the max first changes nothing mathematically, and keeps a / T finite
+    # when the aligned scores sit near the fp32 limit and T is small.
+    logp = torch.log_softmax((a - a.max()) / T, dim=0)
     if greedy:
         token = greedy_token
     else:
@@ -94,7 +96,7 @@ def distribution(logits_p, logits_0, ratio, temperature, top_p, dtype=torch.floa
         zp, z0 = logits_p[b].float().to(dtype), logits_0[b].float().to(dtype)
         T = per_row(temperature, b)
         a, _, _ = row_scores(zp, z0, per_row(ratio, b), T, per_row(top_p, b))
-        rows.append(torch.softmax(a / T, dim=0))
+        rows.append(torch.softmax((a - a.max()) / T, dim=0))
     return torch.stack(rows)
 
 

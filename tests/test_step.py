@@ -350,3 +350,66 @@ def test_auto_backend_and_sample(device):
     got = linalign.step(zp, z0, **LA, greedy=True)
     assert torch.equal(got.tokens, linalign.step(zp, z0, **LA, greedy=True, backend=want).tokens)
     assert torch.equal(linalign.sample(zp, z0, **LA, greedy=True), got.tokens)
+
+
+def hostile_row(V, g, kind):
+    z = torch.randn(V, generator=g) * [0.1, 1.0, 5.0][int(torch.randint(3, (1,), generator=g))]
+    pick = torch.rand(V, generator=g)
+    if kind == "ties":
+        z = z.round()
+    elif kind == "huge":
+        z[pick < 0.3] = [1e30, -1e30, 3e38][int(torch.randint(3, (1,), generator=g))]
+    elif kind == "neginf":
+        z[pick < 0.5] = float("-inf")
+    elif kind == "flat":
+        z = torch.zeros(V)
+    elif kind == "signed_zeros":
+        z[pick < 0.5] = -0.0
+        z[pick > 0.7] = 0.0
+    return z
+
+
+KINDS = ["normal", "ties", "huge", "neginf", "flat", "signed_zeros"]
+
+
+@pytest.mark.parametrize("case", range(40))
+def test_hostile_mix(case, device):
+    """Seeded mixes of ties, +-1e30 and 3e38, -inf patterns, signed zeros and flat rows, with
+    extreme parameters: every backend (and the kernel with 16-wide blocks, so rows span many
+    blocks) agrees with the reference on tokens, status and log-probs."""
+    from linalign.kernels import la_step
+
+    g = torch.Generator().manual_seed(case)
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]  # noqa: E731
+    B, V = pick([1, 2, 3]), pick([1, 2, 3, 7, 33, 130])
+    zp = torch.stack([hostile_row(V, g, pick(KINDS)) for _ in range(B)])
+    z0 = torch.stack([hostile_row(V, g, pick(KINDS)) for _ in range(B)])
+    if case % 3 == 0:
+        z0 = zp + 0.1 * torch.randn(B, V, generator=g)
+    zp, z0 = zp.to(device), z0.to(device)
+    kw = dict(ratio=pick([-2.0, 0.0, 0.5, 3.0, 1e6]), temperature=pick([0.0, 1e-4, 0.5, 100.0]),
+              top_p=pick([1e-9, 0.3, 0.8, 1.0]), greedy=bool(case % 2), seed=case)
+    want = linalign.step(zp, z0, backend="reference", check=False, **kw)
+    outs = [linalign.step(zp, z0, backend=b, check=False, **kw) for b in FAST]
+    outs.append(linalign.StepOutput(*la_step(zp, z0, kw["ratio"], kw["temperature"],
+                                             kw["top_p"], greedy=kw["greedy"], seed=case,
+                                             block=16)))
+    for got in outs:
+        assert ((got.tokens >= 0) & (got.tokens < V)).all()
+        assert not torch.isnan(got.logprobs).any()
+        if kw["temperature"] == 0:
+            assert torch.equal(got.nucleus_size.cpu(), want.nucleus_size.cpu())
+        assert_same_step(got, want, zp, kw["temperature"] or 1.0, kw["top_p"],
+                         logprob_atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", FAST + ["reference"])
+def test_scores_near_the_fp32_limit(backend, device):
+    # Aligned scores clamp at the largest fp32; with a small T, a / T would overflow, so
+    # every backend scales the distance to the max instead (a regression found by fuzzing).
+    zp = torch.tensor([[3e38, 1e38, -1e30, 0.0]], device=device)
+    z0 = torch.tensor([[-3e38, 0.0, 1e30, 0.0]], device=device)
+    for greedy in (True, False):
+        out = linalign.step(zp, z0, ratio=1e6, temperature=1e-4, top_p=1.0, greedy=greedy,
+                            seed=0, backend=backend)
+        assert out.tokens.tolist() == [0] and out.logprobs.tolist() == [0.0]
