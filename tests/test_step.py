@@ -85,7 +85,8 @@ def mixed_params(device):
 @pytest.mark.parametrize("greedy", [True, False])
 def test_per_row_parameters(backend, greedy, device):
     zp, z0 = two_branch(7, 777, seed=9, temperature=0.7, device=device)
-    kw = dict(mixed_params(device), greedy=greedy, seed=torch.arange(7, device=device) * 13)
+    kw = dict(mixed_params(device), greedy=greedy, seed=torch.arange(7, device=device) * 13,
+              offset=torch.arange(7, device=device) * 5 + 2)
     got = linalign.step(zp, z0, backend=backend, **kw)
     assert_same_step(got, reference(zp, z0, **kw), zp, kw["temperature"], kw["top_p"])
 
@@ -280,6 +281,12 @@ def test_seeded_backends_draw_the_same_tokens(device):
     tri = linalign.sample(zp, z0, backend="triton", **kw)
     assert torch.equal(tri, linalign.sample(zp, z0, backend="torch", **kw))
     assert torch.equal(tri, linalign.sample(zp, z0, backend="reference", **kw))
+    # The same holds for uniforms drawn from a torch.Generator in the same state.
+    kw.pop("seed")
+    draws = [linalign.sample(zp, z0, backend=b, **kw,
+                             generator=torch.Generator(device=device).manual_seed(3))
+             for b in ("triton", "torch", "reference")]
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
 
 
 # The kernel joins the 20000-draw test where it runs compiled; through the interpreter
