@@ -50,6 +50,9 @@ _helper = (lambda fn: fn) if os.environ.get("TRITON_INTERPRET", "0") == "1" else
 FMAX = tl.constexpr(3.4028234663852886e38)
 # A token whose principle logit is more than GAP * T below the row's best is never in N.
 GAP = tl.constexpr(80.0)
+# "No key" markers for the int32 order keys (no finite or -inf value maps to either).
+NONE_LO = tl.constexpr(-(2**31))
+NONE_HI = tl.constexpr(2**31 - 1)
 
 
 @_helper
@@ -83,7 +86,7 @@ def _load_nucleus(rowp, row0, offs, V, tau):
     msk = offs < V
     x = tl.load(rowp + offs, mask=msk, other=float("-inf")).to(tl.float32)
     x, _ = _sanitize(x)
-    in_n = msk & (_key(x).to(tl.int64) >= tau) & (x > float("-inf"))
+    in_n = msk & (_key(x) >= tau) & (x > float("-inf"))
     y = tl.load(row0 + offs, mask=in_n, other=float("-inf")).to(tl.float32)
     y, _ = _sanitize(y)
     return x, y, in_n
@@ -154,47 +157,49 @@ def la_step_kernel(
     # ---- pass 2: nucleus threshold tau by multi-pivot bracketing in key space ----
     thr = top_p * zsum
     cut = m - GAP * tl.where(is_t0, 0.0, T)  # the gap rule, in fp32 like every backend
-    smin = _key(cut).to(tl.int64)
-    smax = _key(m).to(tl.int64)
+    # Keys are int32 (every finite or -inf key lies strictly inside the int32 range, so
+    # INT32_MIN / INT32_MAX serve as "none"); pivot arithmetic is done in int64.
+    smin = _key(cut)
+    smax = _key(m)
     # top_p >= 1 keeps every token that passes the gap rule; empty rows skip the search.
     smax = tl.where((top_p >= 1.0) | empty, smin, smax)
     HALF: tl.constexpr = NPIV // 2
     kk = tl.arange(0, NPIV)
     while smin < smax:
-        d = smax - smin
-        by_key = smin + (d * kk) // HALF  # kk < HALF: evenly in key space, from smin
+        d = smax.to(tl.int64) - smin.to(tl.int64)
+        by_key = (smin.to(tl.int64) + (d * kk) // HALF).to(tl.int32)  # kk < HALF: from smin
         vmin = _unkey(smin)
         vmax = _unkey(smax)
         frac = (kk - HALF + 1).to(tl.float32) / (HALF + 1)
-        by_val = _key(vmin + (vmax - vmin) * frac).to(tl.int64)  # evenly in value
+        by_val = _key(vmin + (vmax - vmin) * frac)  # evenly in value
         piv = tl.where(kk < HALF, by_key, by_val)
         piv = tl.minimum(tl.maximum(piv, smin), smax - 1)  # any pivot in range is valid
         mass = tl.zeros((NPIV,), tl.float32)
-        le_max = tl.full((NPIV,), -(2**62), tl.int64)  # largest row key in [smin, pivot]
-        gt_min = tl.full((NPIV,), 2**62, tl.int64)  # smallest row key in (pivot, smax]
+        le_max = tl.full((NPIV,), NONE_LO, tl.int32)  # largest row key in [smin, pivot]
+        gt_min = tl.full((NPIV,), NONE_HI, tl.int32)  # smallest row key in (pivot, smax]
         for start in range(0, V, BLOCK):
             offs = start + cols
             x = tl.load(rowp + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
             x, _ = _sanitize(x)
-            k = _key(x).to(tl.int64)
+            k = _key(x)
             e = tl.exp((x - m) * inv_t)
             above = k[:, None] > piv[None, :]
             mass += tl.sum(tl.where(above, e[:, None], 0.0), axis=0)
             kb = tl.broadcast_to(k[:, None], (BLOCK, NPIV))
-            le_max = tl.maximum(le_max, tl.max(tl.where(~above & (kb >= smin), kb, -(2**62)), axis=0))
-            gt_min = tl.minimum(gt_min, tl.min(tl.where(above & (kb <= smax), kb, 2**62), axis=0))
+            le_max = tl.maximum(le_max, tl.max(tl.where(~above & (kb >= smin), kb, NONE_LO), axis=0))
+            gt_min = tl.minimum(gt_min, tl.min(tl.where(above & (kb <= smax), kb, NONE_HI), axis=0))
         keep = mass < thr  # pivot p is "in": every key at or above it is in N
-        lo_piv = tl.max(tl.where(keep, -(2**62), piv), axis=0)  # largest pivot that is out
-        hi_piv = tl.min(tl.where(keep, piv, 2**62), axis=0)  # smallest pivot that is in
-        new_min = tl.min(tl.where(~keep & (piv == lo_piv), gt_min, 2**62), axis=0)
-        new_max = tl.max(tl.where(keep & (piv == hi_piv), le_max, -(2**62)), axis=0)
-        first_in = tl.min(tl.where(keep & (piv == hi_piv), gt_min, 2**62), axis=0)
+        lo_piv = tl.max(tl.where(keep, NONE_LO, piv), axis=0)  # largest pivot that is out
+        hi_piv = tl.min(tl.where(keep, piv, NONE_HI), axis=0)  # smallest pivot that is in
+        new_min = tl.min(tl.where(~keep & (piv == lo_piv), gt_min, NONE_HI), axis=0)
+        new_max = tl.max(tl.where(keep & (piv == hi_piv), le_max, NONE_LO), axis=0)
+        first_in = tl.min(tl.where(keep & (piv == hi_piv), gt_min, NONE_HI), axis=0)
         # Out pivot: keys at or below it are out; the bracket starts at the next row key.
-        smin = tl.where(lo_piv > -(2**62), new_min, smin)
+        smin = tl.where(lo_piv > NONE_LO, new_min, smin)
         # In pivot: the largest row key at or below it is in. If there is none in the
         # bracket, the smallest key above the pivot is tau.
-        has_in = hi_piv < 2**62
-        no_key = new_max == -(2**62)
+        has_in = hi_piv < NONE_HI
+        no_key = new_max == NONE_LO
         smax = tl.where(has_in & ~no_key, new_max, smax)
         smin = tl.where(has_in & no_key, first_in, smin)
         smax = tl.where(has_in & no_key, first_in, smax)
