@@ -26,7 +26,7 @@ def nucleus(zp: torch.Tensor, T: float, top_p: float) -> torch.Tensor:
         return finite & (zp == m)
     # The gap rule is defined in fp32 arithmetic, the same in every backend.
     cut = m.float() - torch.tensor(GAP, dtype=torch.float32) * torch.tensor(T, dtype=torch.float32)
-    pi = torch.softmax(zp / T, dim=0)
+    pi = torch.softmax((zp - m) / T, dim=0)  # shifted first: zp / T may overflow
     # mass_above[i] = sum of pi_j over j with zp_j > zp_i: sort ascending, suffix sums,
     # and look each value up after its last tie.
     values, order = torch.sort(zp)

@@ -16,7 +16,7 @@ ALPHA = 1e-3
 def mass_above(zp_row, T):
     """fp64 mass of the tokens with a strictly larger logit, for each token of one row."""
     z = zp_row.double()
-    pi = torch.softmax(z / T, dim=0)
+    pi = torch.softmax((z - z.max()) / T, dim=0)
     values, order = torch.sort(z)
     suffix = torch.cat([pi[order].flip(0).cumsum(0).flip(0), pi.new_zeros(1)])
     return suffix[torch.searchsorted(values, z, right=True)]

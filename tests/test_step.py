@@ -420,3 +420,7 @@ def test_scores_near_the_fp32_limit(backend, device):
         out = linalign.step(zp, z0, ratio=1e6, temperature=1e-4, top_p=1.0, greedy=greedy,
                             seed=0, backend=backend)
         assert out.tokens.tolist() == [0] and out.logprobs.tolist() == [0.0]
+        # A nucleus taken on such a row: top_p < 1 must not overflow z_p / T either.
+        out = linalign.step(zp, z0, ratio=1.0, temperature=1e-4, top_p=0.5, greedy=greedy,
+                            seed=0, backend=backend)
+        assert out.tokens.tolist() == [0] and out.nucleus_size.tolist() == [1]
