@@ -13,6 +13,16 @@ GAP = 80.0  # tokens more than GAP * T below the principle max are never in the 
 FMAX = torch.finfo(torch.float32).max
 
 
+def mass_above(zp: torch.Tensor, T: float) -> torch.Tensor:
+    """For each token of one row, the mass of ``softmax(zp / T)`` on the tokens with a
+    strictly larger logit (in ``zp.dtype``)."""
+    pi = torch.softmax((zp - zp.max()) / T, dim=0)  # shifted first: zp / T may overflow
+    # Sort ascending, take suffix sums, and look each value up after its last tie.
+    values, order = torch.sort(zp)
+    suffix = torch.cat([pi[order].flip(0).cumsum(0).flip(0), pi.new_zeros(1)])
+    return suffix[torch.searchsorted(values, zp, right=True)]
+
+
 def nucleus(zp: torch.Tensor, T: float, top_p: float) -> torch.Tensor:
     """SPEC 1.2: the bool [V] keep-set of one principle-branch row (fp32 logits ``zp``).
 
@@ -26,13 +36,7 @@ def nucleus(zp: torch.Tensor, T: float, top_p: float) -> torch.Tensor:
         return finite & (zp == m)
     # The gap rule is defined in fp32 arithmetic, the same in every backend.
     cut = m.float() - torch.tensor(GAP, dtype=torch.float32) * torch.tensor(T, dtype=torch.float32)
-    pi = torch.softmax((zp - m) / T, dim=0)  # shifted first: zp / T may overflow
-    # mass_above[i] = sum of pi_j over j with zp_j > zp_i: sort ascending, suffix sums,
-    # and look each value up after its last tie.
-    values, order = torch.sort(zp)
-    suffix = torch.cat([pi[order].flip(0).cumsum(0).flip(0), pi.new_zeros(1)])
-    mass_above = suffix[torch.searchsorted(values, zp, right=True)]
-    keep = mass_above < top_p if top_p < 1 else torch.ones_like(finite)
+    keep = mass_above(zp, T) < top_p if top_p < 1 else torch.ones_like(finite)
     return keep & finite & (zp.float() >= cut)
 
 

@@ -2,6 +2,8 @@
 chi-square goodness-of-fit test of sampled tokens against the exact distribution."""
 import torch
 
+from linalign.reference import mass_above
+
 # Nucleus rounding band. Backends sum fp32 masses in different orders (blocks, pivots,
 # radix bins), so a token whose exact mass-above lies within BAND of top_p may land on either
 # side. Measured fp32 errors of a 49152-term sum are around 1e-7; the band leaves room.
@@ -13,15 +15,6 @@ BAND = 2e-5
 ALPHA = 1e-3
 
 
-def mass_above(zp_row, T):
-    """fp64 mass of the tokens with a strictly larger logit, for each token of one row."""
-    z = zp_row.double()
-    pi = torch.softmax((z - z.max()) / T, dim=0)
-    values, order = torch.sort(z)
-    suffix = torch.cat([pi[order].flip(0).cumsum(0).flip(0), pi.new_zeros(1)])
-    return suffix[torch.searchsorted(values, z, right=True)]
-
-
 def assert_nucleus_sizes(zp, T, top_p, got, want):
     """Nuclei are the top-|N| logits (ties together), so equal sizes mean equal sets. Where
     sizes differ, every token between the two sizes must have its mass-above within BAND of
@@ -30,7 +23,7 @@ def assert_nucleus_sizes(zp, T, top_p, got, want):
     for b in (got != want).nonzero().flatten().tolist():
         t = float(T[b]) if isinstance(T, torch.Tensor) else T
         p = float(top_p[b]) if isinstance(top_p, torch.Tensor) else top_p
-        f = mass_above(zp[b].float().cpu(), t).sort().values
+        f = mass_above(zp[b].float().cpu().double(), t).sort().values
         lo, hi = sorted((int(got[b]), int(want[b])))
         near = (f[lo:hi] - p).abs()
         assert bool((near <= BAND).all()), (
