@@ -13,7 +13,7 @@ from linalign.testing import two_branch
 from helpers import assert_nucleus_sizes, chi_square
 
 FAST = ["torch", "triton"]
-DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LA = dict(ratio=3.0, temperature=0.5, top_p=0.8)  # the authors' HH setting
 
 
@@ -37,10 +37,10 @@ def assert_same_step(got, want, zp, T, top_p, *, logprob_atol=2e-4):
 
 
 @pytest.mark.parametrize("backend", FAST)
-@pytest.mark.parametrize("dtype,_tol", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (1, 2), (3, 5), (4, 1000), (3, 4099)])
 @pytest.mark.parametrize("greedy", [True, False])
-def test_matches_reference(backend, dtype, _tol, shape, greedy, device):
+def test_matches_reference(backend, dtype, shape, greedy, device):
     B, V = shape
     zp, z0 = two_branch(B, V, seed=V + B, temperature=0.5, device=device, dtype=dtype)
     kw = dict(LA, greedy=greedy, seed=11, offset=3)
