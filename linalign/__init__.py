@@ -9,4 +9,16 @@ from . import reference
 from .api import BACKENDS, Status, StepOutput, sample, step
 
 __version__ = "0.1.0"
-__all__ = ["step", "sample", "StepOutput", "Status", "BACKENDS", "reference"]
+__all__ = ["step", "sample", "StepOutput", "Status", "BACKENDS", "reference",
+           "LinearAligner", "GenerationResult", "load_default_model", "load_model"]
+
+
+def __getattr__(name):
+    # The decoder and the model loaders import transformers: only when first asked for.
+    if name in ("LinearAligner", "GenerationResult"):
+        from . import decoder
+        return getattr(decoder, name)
+    if name in ("load_default_model", "load_model"):
+        from . import models
+        return getattr(models, name)
+    raise AttributeError(f"module 'linalign' has no attribute {name!r}")

@@ -77,3 +77,61 @@ def detectable_shift(n, bins, alpha=ALPHA, power=0.9):
         else:
             hi = mid
     return hi / n
+
+
+# ----------------------------------------------------------------------------- decoder
+def branch_logits(model, ids):
+    """Next-token logits [1, V] of one unpadded sequence, recomputed from scratch (no cache,
+    no padding, no mask): what the decoder's cached, padded, batched forward must match."""
+    with torch.inference_mode():
+        return model(torch.tensor([ids], device=model.device)).logits[:, -1, :].float()
+
+
+def naive_decode(model, ids_with, ids_without, n, *, ratio, temperature, top_p, eos=()):
+    """Greedy Linear Alignment for one prompt the slow, obvious way: both branches recomputed
+    from scratch every step, the reference step. Returns (tokens, logprobs)."""
+    from linalign import reference
+
+    a, b, toks, lps = list(ids_with), list(ids_without), [], []
+    for _ in range(n):
+        out = reference.step(branch_logits(model, a), branch_logits(model, b), ratio=ratio,
+                             temperature=temperature, top_p=top_p, greedy=True)
+        t = int(out.tokens[0])
+        toks.append(t)
+        lps.append(float(out.logprobs[0]))
+        a.append(t)
+        b.append(t)
+        if t in eos:
+            break
+    return toks, lps
+
+
+def near_tie(model, ids_with, ids_without, prefix, got, want, *, ratio, temperature, top_p):
+    """Where two decoders first chose different tokens ``got`` and ``want`` after ``prefix``:
+    how close the choice was, recomputed exactly. Returns the smaller of the gap between the
+    two tokens' aligned scores and the distance of either token's mass-above from top_p (a
+    nucleus boundary). fp32 rounding can only flip a choice when this is tiny."""
+    from linalign.reference import aligned_scores, mass_above
+
+    zp = branch_logits(model, list(ids_with) + prefix)[0].double()
+    z0 = branch_logits(model, list(ids_without) + prefix)[0].double()
+    a = aligned_scores(zp, z0, ratio)
+    gap = float((a[got] - a[want]).abs())
+    f = mass_above(zp, temperature)
+    edge = float(torch.stack([(f[got] - top_p).abs(), (f[want] - top_p).abs()]).min())
+    return min(gap, edge)
+
+
+def assert_same_or_near_tie(model, ids_with, ids_without, got, want, *, ratio, temperature,
+                            top_p, tol=1e-3):
+    """Token lists equal; or, at the first difference, the choice was a near-tie (``near_tie``
+    under ``tol``), which the message shows instead of hiding."""
+    if got == want:
+        return
+    k = next((i for i, (x, y) in enumerate(zip(got, want)) if x != y), None)
+    assert k is not None, f"one output is a prefix of the other: {got} vs {want}"
+    gap = near_tie(model, ids_with, ids_without, want[:k], got[k], want[k], ratio=ratio,
+                   temperature=temperature, top_p=top_p)
+    assert gap < tol, (f"outputs differ at step {k} ({got[k]} vs {want[k]}) and it is not a "
+                       f"near-tie: the decisive gap is {gap:.3g}")
+    print(f"fp32 flip at step {k}: {got[k]} vs {want[k]}, decisive gap {gap:.2e} (near-tie)")

@@ -1,0 +1,225 @@
+"""Decoding throughput: Linear Alignment against plain decoding, in one run, side by side.
+
+    python benchmarks/bench_decode.py                 # CPU: embedded SmolLM2, B = 1 and 8
+    python benchmarks/bench_decode.py --quick         # B = 1, 16 tokens, one repeat
+    python benchmarks/bench_decode.py --device cuda   # GPU: random-weight Llama 1B and 8B, bf16
+    python benchmarks/bench_decode.py --report benchmarks/results/decode_cpu.csv
+
+Providers, all in linalign's loop (``LinearAligner``), greedy, ratio 3, T 0.5, top-p 0.8:
+  plain       plain decoding of the principle prompt: one forward of B rows per step, the
+              step with both branches equal and ratio 0 (what the loop costs without
+              Linear Alignment);
+  stacked     Linear Alignment, both branches in one forward of 2B rows per step;
+  two-caches  Linear Alignment, two caches and two forwards per step;
+  authors     the authors' structure: two caches, two forwards per step, and their
+              sort-based step (linalign.authors) instead of linalign.step.
+Every row generates exactly --new-tokens tokens (end-of-sequence ignored), so all providers
+do the same work. tokens/s = B * new tokens / decode seconds (the prefill forward excluded);
+median over --repeats runs, the providers interleaved so that drift hits all alike. The
+ratios printed are against "plain"; the goal is stacked / plain >= 0.9.
+
+CPU: the embedded SmolLM2-135M-Instruct (fp32), torch threads fixed (default 1), the chat
+prompts below. GPU (or --model random): Llama-shaped models with random bf16 weights
+(linalign.testing.random_llama; the 1B and 8B shapes, logits scaled to be peaked) and random
+prompt ids of 64 to 128 tokens, the with-branch 24 tokens longer.
+"""
+import argparse
+import csv
+import datetime
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import linalign  # noqa: E402
+from linalign.api import StepOutput  # noqa: E402
+from linalign.authors import authors_step  # noqa: E402
+from bench_step import RESULTS, device_name, versions  # noqa: E402
+
+PROMPTS = [
+    "How do I cook rice?",
+    "What should I pack for a weekend hiking trip in the mountains?",
+    "Explain why the sky is blue.",
+    "Give me three tips for learning a new language.",
+    "Write a short note thanking my neighbour for watering my plants.",
+    "What is the difference between a virus and a bacterium?",
+    "How can I make my small apartment feel bigger?",
+    "Summarise the plot of Romeo and Juliet in a few sentences.",
+]
+PRINCIPLE = "Answer like a pirate."
+SETTING = dict(ratio=3.0, temperature=0.5, top_p=0.8, greedy=True)
+PROVIDERS = ("plain", "stacked", "two-caches", "authors")
+FIELDS = ["op", "model", "B", "new_tokens", "provider", "tokens_per_s", "spread", "prefill_s",
+          "device", "threads", "versions", "date"]
+
+
+def authors_as_step(logits_p, logits_0, *, ratio, temperature, top_p, greedy, **_):
+    """The authors' step behind linalign.step's interface (tokens only)."""
+    B = logits_p.shape[0]
+    r = ratio if not isinstance(ratio, torch.Tensor) else ratio[:, None]
+    T = float(temperature[0]) if isinstance(temperature, torch.Tensor) else temperature
+    p = float(top_p[0]) if isinstance(top_p, torch.Tensor) else top_p
+    tokens = authors_step(logits_p, logits_0, ratio=r, temperature=T, top_p=p, greedy=greedy)
+    zeros = torch.zeros(B, dtype=torch.int32, device=logits_p.device)
+    return StepOutput(tokens, zeros.float(), zeros, zeros)
+
+
+def run_provider(aligner, name, ids_with, ids_without, new_tokens):
+    aligner._step = authors_as_step if name == "authors" else linalign.step
+    if name == "plain":
+        result = aligner.generate_plain_ids(ids_with, max_new_tokens=new_tokens,
+                                            temperature=SETTING["temperature"],
+                                            top_p=SETTING["top_p"], greedy=True)
+    else:
+        mode = "stacked" if name == "stacked" else "two-caches"
+        result = aligner.generate_ids(ids_with, ids_without, max_new_tokens=new_tokens,
+                                      mode=mode, **SETTING)
+    aligner._step = linalign.step
+    assert all(len(r) == new_tokens for r in result.token_ids)
+    return result
+
+
+def measure(label, aligner, ids_with, ids_without, new_tokens, repeats, info):
+    B = len(ids_with)
+    for name in PROVIDERS:  # warm-up: allocator, kernels, compiled paths
+        run_provider(aligner, name, ids_with[:1], ids_without[:1], 2)
+    tps = {p: [] for p in PROVIDERS}
+    prefill = {p: [] for p in PROVIDERS}
+    for _ in range(repeats):
+        for name in PROVIDERS:
+            res = run_provider(aligner, name, ids_with, ids_without, new_tokens)
+            tps[name].append(B * new_tokens / res.decode_seconds)
+            prefill[name].append(res.prefill_seconds)
+    rows = []
+    med = {p: statistics.median(v) for p, v in tps.items()}
+    for name in PROVIDERS:
+        spread = max(tps[name]) - min(tps[name])
+        rows.append(dict(op="decode", model=label, B=B, new_tokens=new_tokens, provider=name,
+                         tokens_per_s=f"{med[name]:.2f}", spread=f"{spread:.2f}",
+                         prefill_s=f"{statistics.median(prefill[name]):.4f}", **info))
+    print(f"{label:>10} {B:>3} " + " ".join(f"{med[p]:>11.1f}" for p in PROVIDERS) + "   " +
+          " ".join(f"{med[p] / med['plain']:>6.2f}" for p in PROVIDERS[1:]))
+    sys.stdout.flush()
+    return rows
+
+
+def smollm2_cases(args):
+    model, tokenizer = linalign.load_default_model()
+    aligner = linalign.LinearAligner(model, tokenizer)
+    aligner.eos_ids = []  # fixed length: every provider does the same work
+    for B in args.batch:
+        prompts = (PROMPTS * B)[:B]
+        ids_with, ids_without = aligner.branches(prompts, PRINCIPLE)
+        yield "smollm2", aligner, ids_with, ids_without
+
+
+def random_cases(args):
+    from linalign.testing import ByteTokenizer, random_llama
+
+    for shape in args.shapes:
+        model = random_llama(shape, device=args.device, dtype=getattr(torch, args.dtype))
+        aligner = linalign.LinearAligner(model, ByteTokenizer())
+        aligner.eos_ids = []
+        V = model.config.vocab_size
+        g = torch.Generator().manual_seed(0)
+        for B in args.batch:
+            lengths = torch.randint(64, 129, (B,), generator=g).tolist()
+            ids_without = [torch.randint(300, V, (n,), generator=g).tolist() for n in lengths]
+            principle = torch.randint(300, V, (24,), generator=g).tolist()
+            ids_with = [principle + r for r in ids_without]
+            yield f"llama-{shape}", aligner, ids_with, ids_without
+        del model, aligner
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def report(csv_path):
+    with open(csv_path) as f:
+        every = list(csv.DictReader(f))
+    latest = max(r["date"] for r in every)
+    rows = [r for r in every if r["date"] == latest]
+    print(f"{rows[0]['device']}, {rows[0]['threads']} thread(s), {rows[0]['versions']}, "
+          f"{latest}; tokens/s (median), {rows[0]['new_tokens']} new tokens per row\n")
+    print("| model | B | " + " | ".join(PROVIDERS) + " | stacked / plain | authors / plain |")
+    print("|---" * (4 + len(PROVIDERS)) + "|")
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["model"], int(r["B"])), {})[r["provider"]] = float(r["tokens_per_s"])
+    for (model, B), med in cells.items():
+        print(f"| {model} | {B} | " + " | ".join(f"{med[p]:.1f}" for p in PROVIDERS) +
+              f" | {med['stacked'] / med['plain']:.2f} | {med['authors'] / med['plain']:.2f} |")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--batch", default="1,8", help="batch sizes (default 1,8)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=None, help="default 3 (CPU), 5 (GPU)")
+    ap.add_argument("--model", choices=["smollm2", "random"], default=None,
+                    help="the embedded SmolLM2 (default on CPU) or random-weight Llamas "
+                    "(default on GPU)")
+    ap.add_argument("--shapes", default="1b,8b", help="random model shapes (default 1b,8b; "
+                    "'tiny' for a dry run)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="random models' dtype (default bfloat16 on GPU, float32 on CPU)")
+    ap.add_argument("--quick", action="store_true", help="B = 1, 16 tokens, one repeat")
+    ap.add_argument("--out", default=None, help="CSV to append to (default: "
+                    "benchmarks/results/decode_<device>.csv)")
+    ap.add_argument("--report", metavar="CSV", help="print the latest run as markdown")
+    args = ap.parse_args(argv)
+    if args.report:
+        return report(args.report)
+    args.batch = [int(b) for b in args.batch.split(",")]
+    args.shapes = args.shapes.split(",")
+    repeats = args.repeats or (3 if args.device == "cpu" else 5)
+    if args.quick:
+        args.batch, args.new_tokens, repeats = [1], 16, 1
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    info = dict(device=device_name(device), threads=args.threads, versions=versions(),
+                date=stamp)
+    print(f"# {info['device']}, {args.threads} torch thread(s), {info['versions']}")
+    print(f"# tokens/s, median of {repeats}, {args.new_tokens} new tokens per row")
+    print(f"{'model':>10} {'B':>3} " + " ".join(f"{p:>11}" for p in PROVIDERS) +
+          "   " + " ".join(f"{p[:6]:>6}" for p in PROVIDERS[1:]) + "  (/ plain)")
+    args.model = args.model or ("smollm2" if device.type == "cpu" else "random")
+    args.dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
+    cases = smollm2_cases(args) if args.model == "smollm2" else random_cases(args)
+    out = args.out or os.path.join(RESULTS, f"decode_{device.type}.csv")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    new = not os.path.exists(out)
+    n = 0
+    with open(out, "a", newline="") as f:  # rows written as measured: a cut run keeps them
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        for label, aligner, ids_with, ids_without in cases:
+            rows = measure(label, aligner, ids_with, ids_without, args.new_tokens, repeats,
+                           info)
+            w.writerows(rows)
+            f.flush()
+            n += len(rows)
+    print(f"# {n} rows appended to {out}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+# ---- pytest entry point: the harness runs (tiny random model, CPU, a few tokens) ----
+def test_decode_benchmark_harness():
+    from linalign.testing import ByteTokenizer, random_llama
+
+    torch.set_num_threads(1)
+    aligner = linalign.LinearAligner(random_llama("tiny", logit_std=1.5), ByteTokenizer())
+    aligner.eos_ids = []
+    ids_with, ids_without = aligner.branches(PROMPTS[:2], PRINCIPLE)
+    rows = measure("tiny", aligner, ids_with, ids_without, 4, 1, dict(
+        device="cpu", threads=1, versions=versions(), date="test"))
+    assert [r["provider"] for r in rows] == list(PROVIDERS)
+    assert all(float(r["tokens_per_s"]) > 0 for r in rows)

@@ -1,0 +1,178 @@
+"""The ``linalign`` command (also ``python -m linalign``).
+
+    linalign generate "How do I cook rice?" --principle "Answer like a pirate."
+
+prints the aligned answer of the embedded SmolLM2-135M-Instruct, offline. Bad arguments end
+with exit code 2 and one line on stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .decoder import DEFAULTS, MODES
+
+
+class UsageError(Exception):
+    """A bad argument: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise UsageError(message)
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {value}")
+    return value
+
+
+def _float(lo=None, hi=None, lo_open=False, what=""):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")) or \
+                (lo is not None and (value < lo or (lo_open and value == lo))) or \
+                (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected {what}; got {text}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="linalign", description="Linear Alignment decoding "
+                     "(Gao et al., ICML 2024): align a language model with a principle at "
+                     "inference time.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    g = sub.add_parser("generate", help="answer a prompt under a principle",
+                       description="Answer PROMPT with Linear Alignment towards --principle, "
+                       "with the embedded SmolLM2-135M-Instruct unless --model is given.")
+    g.add_argument("prompt", help="the user's message")
+    g.add_argument("--principle", required=True,
+                   help="the preference, in plain words (goes into the system message)")
+    g.add_argument("--ratio", type=_float(what="a finite number"), default=DEFAULTS["ratio"],
+                   help="how far past the principle branch to push (default %(default)s)")
+    g.add_argument("--temperature", type=_float(0.0, what="a number >= 0"),
+                   default=DEFAULTS["temperature"], help="default %(default)s")
+    g.add_argument("--top-p", type=_float(0.0, 1.0, lo_open=True, what="a number in (0, 1]"),
+                   default=DEFAULTS["top_p"], help="nucleus of the principle branch "
+                   "(default %(default)s)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", dest="greedy", action="store_true", default=True,
+                      help="argmax inside the nucleus (default)")
+    mode.add_argument("--sample", dest="greedy", action="store_false",
+                      help="sample from the aligned distribution")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULTS["max_new_tokens"],
+                   help="default %(default)s")
+    g.add_argument("--seed", type=_positive_int, default=None,
+                   help="seed for --sample (default: a fresh one)")
+    g.add_argument("--system", default=None, help="base system text of both branches "
+                   "(default: the chat template's own)")
+    g.add_argument("--model", default=None, metavar="PATH", help="a local Hugging Face "
+                   "causal-LM folder or .gguf file (default: the embedded SmolLM2)")
+    g.add_argument("--stream", action="store_true", help="print the answer as it is made")
+    g.add_argument("--compare", action="store_true", help="also print the answer without the "
+                   "principle and with the principle only in the prompt")
+    g.add_argument("--mode", choices=MODES, default="stacked", help="one forward of 2B rows "
+                   "(stacked, default) or two caches")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--stats", action="store_true", help="print timing to stderr")
+    return parser
+
+
+def _check(args):
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty")
+    if not args.principle.strip():
+        raise UsageError("--principle is empty")
+    if args.model is not None and not os.path.exists(os.path.expanduser(args.model)):
+        raise UsageError(f"--model {args.model}: no such folder or file")
+    if args.threads == 0:
+        raise UsageError("--threads must be at least 1")
+
+
+def _generate(args, out):
+    import torch
+
+    from . import models
+    from .decoder import LinearAligner
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # a command prints its answer, not loading bars
+    hf_logging.set_verbosity_error()
+    t0 = time.perf_counter()
+    model, tokenizer = models.load_model(args.model)
+    aligner = LinearAligner(model, tokenizer, system=args.system)
+    load = time.perf_counter() - t0
+    kw = dict(temperature=args.temperature, top_p=args.top_p, greedy=args.greedy,
+              max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.compare:
+        for title, run in (
+                ("without the principle",
+                 lambda: aligner.generate_plain(args.prompt, **kw)),
+                ("principle in the prompt only",
+                 lambda: aligner.generate_plain(args.prompt, args.principle, **kw)),
+                (f"Linear Alignment (ratio {args.ratio:g})",
+                 lambda: aligner.generate(args.prompt, args.principle, ratio=args.ratio,
+                                          mode=args.mode, **kw))):
+            out.write(f"=== {title} ===\n")
+            _show(run, args, out)
+            out.write("\n")
+        return
+    if args.stream:
+        for piece in aligner.stream(args.prompt, args.principle, ratio=args.ratio,
+                                    mode=args.mode, **kw):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        return
+    result = _show(lambda: aligner.generate(args.prompt, args.principle, ratio=args.ratio,
+                                            mode=args.mode, **kw), args, out)
+    if args.stats:
+        print(f"load {load:.1f} s, prefill {result.prefill_seconds:.2f} s, "
+              f"{result.new_tokens} tokens at {result.decode_tokens_per_second:.1f} tokens/s",
+              file=sys.stderr)
+
+
+def _show(run, args, out):
+    result = run()
+    out.write(result.text.strip() + "\n")
+    out.flush()
+    return result
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        _check(args)
+        _generate(args, sys.stdout)
+    except UsageError as e:
+        print(f"linalign: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # bad values found past the parser, a model that does not load
+        print(f"linalign: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("linalign: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,544 @@
+"""Generation with Linear Alignment over a Hugging Face causal LM (SPEC section 5).
+
+Each request runs as two branches, the conversation with the principle in the system message
+and without it. ``mode="stacked"`` (default) puts both branches of every prompt into one
+batch of 2B rows with one KV cache: left padding, an attention mask, position ids counted
+from each row's first real token, one forward pass per step. ``mode="two-caches"`` keeps
+the authors' structure (two caches, two forward passes per step) as the check and the
+fallback. Both branches are fed the token that ``linalign.step`` chose for the row.
+
+The loop keeps tokens, positions, flags and seeds on the device. It reads the "rows done"
+flags back to the host once every few steps (every step on the CPU, where that costs
+nothing; every 8 steps on a GPU, so the host can queue the next forward passes meanwhile),
+and then drops finished rows from the batch (their KV cache rows included), so a finished
+row stops costing compute. A finished row that is still in the batch emits padding. A
+streamer reads every step's tokens, which synchronises every step.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .api import Status, step
+from .models import eos_token_ids
+
+MODES = ("stacked", "two-caches")
+#: The authors' Anthropic-HH setting (Gao et al. 2024): ratio 3, temperature 0.5, top-p 0.8,
+#: greedy. See docs/decoder.md for why the decoder keeps it as its default.
+DEFAULTS = dict(ratio=3.0, temperature=0.5, top_p=0.8, greedy=True, max_new_tokens=256)
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio increment: row seeds far apart in key space
+
+
+@dataclass
+class GenerationResult:
+    """What ``generate`` returns. Lists have one entry per prompt, in input order.
+
+    token_ids: generated ids per row, the end-of-sequence token included when the row ended
+    on one. texts: those ids decoded without special tokens. logprobs: per generated token,
+    the log-probability of the chosen token under the step's masked aligned distribution
+    (``return_logprobs=True``; else None). finish_reasons: "eos" or "length".
+    prefill_seconds: the prompt forward pass(es). decode_seconds: everything after it.
+    decode_tokens_per_second: generated tokens of all rows / decode_seconds.
+    """
+    texts: list[str]
+    token_ids: list[list[int]]
+    finish_reasons: list[str]
+    logprobs: list[list[float]] | None = None
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def text(self) -> str:
+        """The only text of a one-prompt call."""
+        if len(self.texts) != 1:
+            raise ValueError(f"text is for one prompt; this result has {len(self.texts)}")
+        return self.texts[0]
+
+
+def _per_row(name, value, B, *, cast=float):
+    if isinstance(value, (list, tuple)):
+        if len(value) != B:
+            raise ValueError(f"{name} has {len(value)} values for {B} prompts")
+        return [cast(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1:
+            return [cast(value.item())] * B
+        if value.shape != (B,):
+            raise ValueError(f"{name} must be a number or {B} values; got shape "
+                             f"{list(value.shape)}")
+        return [cast(v) for v in value.tolist()]
+    return [cast(value)] * B
+
+
+def _check_params(B, ratio, temperature, top_p, max_new_tokens, mode):
+    """Host-side validation, once per call, so the loop can run the step with check=False."""
+    r = _per_row("ratio", ratio, B)
+    T = _per_row("temperature", temperature, B)
+    p = _per_row("top_p", top_p, B)
+    for name, vals, ok, want in (
+            ("ratio", r, math.isfinite, "a finite number"),
+            ("temperature", T, lambda x: math.isfinite(x) and x >= 0, "finite and >= 0"),
+            ("top_p", p, lambda x: 0 < x <= 1, "in (0, 1]")):
+        bad = [v for v in vals if not ok(v)]
+        if bad:
+            raise ValueError(f"{name} must be {want}; got {bad[0]}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    return r, T, p
+
+
+def _row_seeds(seed, B, greedy) -> list[int] | None:
+    """Per-row Philox seeds: a row's draws depend on its seed and the step only, never on the
+    other rows or on where the row sits in the batch after finished rows are dropped."""
+    if greedy:
+        return None
+    if seed is None:  # torch's global generator decides, so torch.manual_seed reproduces
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    if isinstance(seed, (list, tuple)):
+        seeds = _per_row("seed", seed, B, cast=int)
+    else:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or one int per prompt; got {seed!r}")
+        seeds = [seed]
+    for s in seeds:
+        if not 0 <= s < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63); got {s}")
+    if not isinstance(seed, (list, tuple)):
+        seeds = [(seed + _SEED_MIX * (i + 1)) % 2**63 for i in range(B)]
+    return seeds
+
+
+def _id_rows(name, rows) -> list[list[int]]:
+    if isinstance(rows, torch.Tensor):
+        rows = rows.tolist() if rows.dim() == 2 else [rows.tolist()]
+    rows = [list(map(int, r.tolist() if isinstance(r, torch.Tensor) else r)) for r in rows]
+    for i, r in enumerate(rows):
+        if not r:
+            raise ValueError(f"{name}[{i}] is empty: every prompt needs at least one token")
+    return rows
+
+
+class _Part:
+    """One batched cache: its rows' attention mask (preallocated to the final length), the
+    next position of every row, and the cache object itself (updated in place)."""
+
+    def __init__(self, cache, mask, pos, length):
+        self.cache = cache    # DynamicCache over [R, ...]
+        self.mask = mask      # [R, L + max_new_tokens] int64, 0 on left padding
+        self.pos = pos        # [R] int64: position of the next token
+        self.length = length  # positions used so far (the same for every row)
+
+    def select(self, idx):
+        self.cache.batch_select_indices(idx)
+        self.mask = self.mask[idx]
+        self.pos = self.pos[idx]
+
+
+class LinearAligner:
+    """Linear Alignment decoding with a Hugging Face causal LM and its tokenizer.
+
+    ``system``: base system text that both branches carry (None: the chat template's own
+    default system message, if it has one). The principle goes after it in the principle
+    branch's system message, separated by a space. Without a chat template the branches are
+    ``principle + "\\n\\n" + prompt`` and ``prompt`` (with ``system + "\\n\\n"`` in front of
+    both when given).
+    """
+
+    def __init__(self, model, tokenizer, *, system: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.system = system
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            if not self.eos_ids:
+                raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token")
+            pad = self.eos_ids[0]
+        self.pad_id = int(pad)
+        params = inspect.signature(model.forward).parameters
+        # transformers 5.24 renamed past_key_values to cache; 5.17 ignores cache= silently.
+        self._cache_kw = "cache" if "cache" in params and "past_key_values" not in params \
+            else "past_key_values"
+        self._keep_logits = "logits_to_keep" in params
+        self._template = getattr(tokenizer, "chat_template", None) is not None
+        self._step = step  # benchmarks swap in the authors' step to time their structure
+        self._default_system = self._find_default_system() if self._template else None
+
+    # ------------------------------------------------------------------ prompts
+    def _find_default_system(self) -> str | None:
+        """The system text a chat template inserts when the conversation has none (SmolLM2's
+        "You are a helpful AI assistant named SmolLM..."), found by rendering both ways."""
+        mark, user = "\x00linalign-mark\x00", [{"role": "user", "content": "x"}]
+        try:
+            marked = self._render([{"role": "system", "content": mark}] + user)
+        except Exception:  # template without a system role
+            return None
+        plain = self._render(user)
+        head, _, tail = marked.partition(mark)
+        if plain.startswith(head) and plain.endswith(tail) and len(plain) > len(head + tail):
+            return plain[len(head):len(plain) - len(tail)]
+        return None
+
+    def _render(self, messages) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def prompt_texts(self, prompt: str, principle: str | None) -> str:
+        """The text of one branch: the conversation with ``principle`` in the system
+        message, or without it (``principle=None``)."""
+        base = self.system if self.system is not None else self._default_system
+        if not self._template:
+            text = prompt if principle is None else principle + "\n\n" + prompt
+            return text if self.system is None else self.system + "\n\n" + text
+        system = base
+        if principle is not None:
+            system = principle if not base else base + " " + principle
+        messages = ([] if system is None else [{"role": "system", "content": system}]) + \
+            [{"role": "user", "content": prompt}]
+        return self._render(messages)
+
+    def encode(self, text: str) -> list[int]:
+        # A rendered chat template already holds its special tokens.
+        return self.tokenizer(text, add_special_tokens=not self._template)["input_ids"]
+
+    def branches(self, prompts, principle) -> tuple[list[list[int]], list[list[int]]]:
+        """Prompt ids of both branches: (with the principle, without it)."""
+        prompts = _texts("prompt", prompts)
+        principles = _texts("principle", principle, len(prompts))
+        return ([self.encode(self.prompt_texts(q, p)) for q, p in zip(prompts, principles)],
+                [self.encode(self.prompt_texts(q, None)) for q in prompts])
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompts, principle, *, ratio=DEFAULTS["ratio"],
+                 temperature=DEFAULTS["temperature"], top_p=DEFAULTS["top_p"],
+                 greedy=DEFAULTS["greedy"], max_new_tokens=DEFAULTS["max_new_tokens"],
+                 seed=None, streamer=None, mode="stacked", return_logprobs=False,
+                 backend="auto") -> GenerationResult:
+        """Generate aligned answers for ``prompts`` (a string or a list) under ``principle``
+        (one string, or one per prompt).
+
+        ratio, temperature, top_p: one number or one per prompt (SPEC section 2). greedy:
+        argmax of the aligned scores inside the nucleus; False samples. seed: an int (each
+        row gets its own Philox seed derived from it and its index) or one int per prompt;
+        None draws one from torch's global generator. streamer: any object with
+        ``put(ids)`` / ``end()`` (``transformers.TextStreamer`` works), fed the principle
+        branch's prompt ids first and then each step's [B] tokens, as ``generate`` does.
+        mode: "stacked" (one forward of 2B rows per step) or "two-caches".
+        """
+        ids_with, ids_without = self.branches(prompts, principle)
+        return self.generate_ids(ids_with, ids_without, ratio=ratio, temperature=temperature,
+                                 top_p=top_p, greedy=greedy, max_new_tokens=max_new_tokens,
+                                 seed=seed, streamer=streamer, mode=mode,
+                                 return_logprobs=return_logprobs, backend=backend)
+
+    def generate_ids(self, ids_with, ids_without, *, ratio=DEFAULTS["ratio"],
+                     temperature=DEFAULTS["temperature"], top_p=DEFAULTS["top_p"],
+                     greedy=DEFAULTS["greedy"], max_new_tokens=DEFAULTS["max_new_tokens"],
+                     seed=None, streamer=None, mode="stacked", return_logprobs=False,
+                     backend="auto") -> GenerationResult:
+        """``generate`` at token level: prompt ids of both branches in (lists of ints, one
+        per row, or [B, L] tensors without padding), generated ids out."""
+        groups = [_id_rows("ids_with", ids_with), _id_rows("ids_without", ids_without)]
+        if len(groups[0]) != len(groups[1]):
+            raise ValueError(f"ids_with has {len(groups[0])} rows but ids_without has "
+                             f"{len(groups[1])}")
+        return self._consume(self._decode(groups, ratio, temperature, top_p, greedy,
+                                          max_new_tokens, seed, mode, return_logprobs,
+                                          backend), streamer, groups[0])
+
+    def generate_plain(self, prompts, principle=None, *, temperature=DEFAULTS["temperature"],
+                       top_p=DEFAULTS["top_p"], greedy=DEFAULTS["greedy"],
+                       max_new_tokens=DEFAULTS["max_new_tokens"], seed=None, streamer=None,
+                       return_logprobs=False, backend="auto") -> GenerationResult:
+        """Plain top-p decoding of one branch in the same loop (no Linear Alignment): the
+        conversation with ``principle`` in the system message, or without one. One forward
+        of B rows per step; the step runs with both branches equal and ratio 0."""
+        prompts = _texts("prompt", prompts)
+        principles = [None] * len(prompts) if principle is None else \
+            _texts("principle", principle, len(prompts))
+        rows = [self.encode(self.prompt_texts(q, p)) for q, p in zip(prompts, principles)]
+        return self.generate_plain_ids(rows, temperature=temperature, top_p=top_p,
+                                       greedy=greedy, max_new_tokens=max_new_tokens,
+                                       seed=seed, streamer=streamer,
+                                       return_logprobs=return_logprobs, backend=backend)
+
+    def generate_plain_ids(self, ids, *, temperature=DEFAULTS["temperature"],
+                           top_p=DEFAULTS["top_p"], greedy=DEFAULTS["greedy"],
+                           max_new_tokens=DEFAULTS["max_new_tokens"], seed=None,
+                           streamer=None, return_logprobs=False,
+                           backend="auto") -> GenerationResult:
+        """``generate_plain`` at token level: one branch's prompt ids in, ids out."""
+        rows = _id_rows("ids", ids)
+        return self._consume(self._decode([rows], 0.0, temperature, top_p, greedy,
+                                          max_new_tokens, seed, "stacked", return_logprobs,
+                                          backend), streamer, rows)
+
+    def stream(self, prompts, principle, **kwargs) -> Iterator:
+        """Like ``generate``, as an iterator over new text. For one prompt (a string) it yields
+        strings; for a list it yields ``(row, text)`` pairs. The pieces of a row join to
+        exactly its ``generate`` text. Stopping early leaves the aligner usable."""
+        single = isinstance(prompts, str)
+        ids_with, ids_without = self.branches(prompts, principle)
+        defaults = dict(DEFAULTS, seed=None, mode="stacked", return_logprobs=False,
+                        backend="auto")
+        unknown = set(kwargs) - set(defaults)
+        if unknown:
+            raise TypeError(f"unexpected arguments: {sorted(unknown)}")
+        a = {**defaults, **kwargs}
+        steps = self._decode([ids_with, ids_without], a["ratio"], a["temperature"],
+                             a["top_p"], a["greedy"], a["max_new_tokens"], a["seed"],
+                             a["mode"], a["return_logprobs"], a["backend"])
+        B = len(ids_with)
+        texts = [_Detok(self.tokenizer) for _ in range(B)]
+        done = [False] * B
+        while True:
+            try:
+                tokens = next(steps).tolist()
+            except StopIteration as stop:
+                result = stop.value
+                break
+            for row, tok in enumerate(tokens):
+                if done[row]:
+                    continue
+                if tok in self.eos_ids:
+                    done[row] = True
+                piece = texts[row].add(tok)
+                if piece:
+                    yield piece if single else (row, piece)
+        for row in range(B):
+            piece = texts[row].flush(result.texts[row])
+            if piece:
+                yield piece if single else (row, piece)
+
+    # ------------------------------------------------------------------ the loop
+    def _consume(self, steps, streamer, prompt_rows) -> GenerationResult:
+        if streamer is None:
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as stop:
+                    return stop.value
+        width = max(len(r) for r in prompt_rows)
+        first = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in prompt_rows])
+        streamer.put(first)
+        try:
+            while True:
+                try:
+                    streamer.put(next(steps).cpu())
+                except StopIteration as stop:
+                    return stop.value
+        finally:
+            streamer.end()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _prefill(self, rows, max_new_tokens) -> tuple[_Part, torch.Tensor]:
+        # rows: R prompt id lists -> logits [R, V] of each row's last prompt position
+        dev = self.device
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), L + max_new_tokens), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, L - len(r):] = torch.tensor(r)
+            mask[i, L - len(r):] = 1
+        mask[:, L:] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask[:, :L].cumsum(-1) - 1).clamp(min=0)
+        from transformers import DynamicCache
+        part = _Part(DynamicCache(), mask, pos[:, -1] + 1, L)
+        logits = self._forward(part, ids, pos)
+        return part, logits
+
+    def _forward(self, part, ids, pos) -> torch.Tensor:
+        # ids, pos: [R, n] -> logits [R, V] at the last position; the cache grows to
+        # part.length positions, which the caller has already advanced
+        kw = {self._cache_kw: part.cache, "use_cache": True}
+        if self._keep_logits:
+            kw["logits_to_keep"] = 1
+        out = self.model(input_ids=ids, attention_mask=part.mask[:, :part.length],
+                         position_ids=pos, **kw)
+        return out.logits[:, -1, :]
+
+    def _decode_one(self, part, tokens) -> torch.Tensor:
+        # tokens: [R] -> logits [R, V]
+        part.length += 1
+        logits = self._forward(part, tokens[:, None], part.pos[:, None])
+        part.pos = part.pos + 1
+        return logits
+
+    def _decode(self, groups, ratio, temperature, top_p, greedy, max_new_tokens, seed, mode,
+                want_logprobs, backend):
+        """Generator: yields each step's tokens [B] (pad for finished rows) on the device and
+        returns the GenerationResult. groups: G lists of B prompt id lists (G = 2: with and
+        without the principle; G = 1: plain decoding of one branch)."""
+        G, B = len(groups), len(groups[0])
+        r, T, p = _check_params(B, ratio, temperature, top_p, max_new_tokens, mode)
+        seeds = _row_seeds(seed, B, greedy)
+        self._check_length(groups, max_new_tokens)
+        dev = self.device
+        if max_new_tokens == 0:
+            return self._result([[] for _ in range(B)], None, [], 0.0, 0.0, 0)
+
+        f32 = dict(dtype=torch.float32, device=dev)
+        r, T, p = torch.tensor(r, **f32), torch.tensor(T, **f32), torch.tensor(p, **f32)
+        seeds = None if seeds is None else torch.tensor(seeds, dtype=torch.long, device=dev)
+        eos = torch.tensor(self.eos_ids or [-1], dtype=torch.long, device=dev)
+        out_tok = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
+        out_lp = torch.zeros((B, max_new_tokens), **f32) if want_logprobs else None
+        status = torch.zeros(B, dtype=torch.int32, device=dev)
+        rows = torch.arange(B, device=dev)        # original index of each active row
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        sync_every = 1 if dev.type == "cpu" else 8
+
+        with torch.inference_mode():
+            _sync(dev)
+            t0 = time.perf_counter()
+            if mode == "stacked":
+                part, logits = self._prefill([row for g in groups for row in g],
+                                             max_new_tokens)
+                parts, split = [part], [logits]
+            else:
+                parts, split = zip(*(self._prefill(g, max_new_tokens) for g in groups))
+                parts, split = list(parts), list(split)
+            _sync(dev)
+            t1 = time.perf_counter()
+            steps = 0
+            for t in range(max_new_tokens):
+                # z: [G, Ba, V] logits of the active rows, one slab per branch
+                Ba = rows.numel()
+                z = torch.cat(split).view(G, Ba, -1) if len(split) > 1 else \
+                    split[0].view(G, Ba, -1)
+                out = self._step(z[0], z[-1], ratio=r if G == 2 else 0.0, temperature=T,
+                                 top_p=p, greedy=greedy, seed=seeds, offset=t,
+                                 backend=backend, check=False)
+                tok = torch.where(done, self.pad_id, out.tokens)
+                out_tok[rows, t] = tok
+                if out_lp is not None:
+                    out_lp[rows, t] = torch.where(done, 0.0, out.logprobs)
+                status[rows] |= torch.where(done, 0, out.status)
+                done = done | torch.isin(tok, eos)
+                steps = t + 1
+                yield out_tok[:, t]
+                if t + 1 == max_new_tokens:
+                    break
+                if (t + 1) % sync_every == 0:
+                    if bool((status[rows] & Status.BAD_INPUT).any()):
+                        self._raise_bad(status)
+                    n_done = int(done.sum())
+                    if n_done == Ba:
+                        break
+                    if n_done:
+                        keep = (~done).nonzero().squeeze(1)
+                        for part in parts:
+                            part.select(keep if len(parts) > 1 else
+                                        torch.cat([keep + g * Ba for g in range(G)]))
+                        rows, done, r, T, p = rows[keep], done[keep], r[keep], T[keep], \
+                            p[keep]
+                        seeds = None if seeds is None else seeds[keep]
+                        tok = tok[keep]
+                step_in = tok.repeat(G) if len(parts) == 1 else tok
+                split = [self._decode_one(part, step_in) for part in parts]
+            _sync(dev)
+            t2 = time.perf_counter()
+        if bool((status & Status.BAD_INPUT).any()):
+            self._raise_bad(status)
+        return self._result(out_tok[:, :steps].tolist(),
+                            None if out_lp is None else out_lp[:, :steps].tolist(),
+                            status.tolist(), t1 - t0, t2 - t1, steps)
+
+    def _raise_bad(self, status):
+        bad = (status & Status.BAD_INPUT).nonzero().squeeze(1).tolist()
+        raise RuntimeError(f"the model produced NaN or +inf logits, or no finite logit, for "
+                           f"rows {bad}: no token can be chosen (check the model's dtype and "
+                           "weights)")
+
+    def _result(self, toks, lps, status, prefill, decode, steps) -> GenerationResult:
+        ids, reasons, logprobs = [], [], [] if lps is not None else None
+        for i, row in enumerate(toks):
+            end = next((j for j, x in enumerate(row) if x in self.eos_ids), None)
+            n = len(row) if end is None else end + 1
+            ids.append(row[:n])
+            reasons.append("length" if end is None else "eos")
+            if logprobs is not None:
+                logprobs.append(lps[i][:n])
+        texts = [_decode_text(self.tokenizer, r) for r in ids]
+        return GenerationResult(texts, ids, reasons, logprobs, prefill, decode, steps,
+                                {"status": status})
+
+    def _check_length(self, groups, max_new_tokens):
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        longest = max(len(r) for g in groups for r in g)
+        if limit is not None and longest + max_new_tokens > limit:
+            raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens="
+                             f"{max_new_tokens} exceeds the model's context of {limit} "
+                             "positions")
+
+
+class _Detok:
+    """Incremental detokenisation of one row: new text once it no longer ends inside a
+    multi-byte character; the final flush makes the pieces add up to the returned text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def add(self, tok) -> str:
+        self.ids.append(tok)
+        text = _decode_text(self.tokenizer, self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        return piece
+
+    def flush(self, final: str) -> str:
+        if not final.startswith(self.shown):  # pragma: no cover - tokenizer rewrote the past
+            raise RuntimeError("streamed text is not a prefix of the final text")
+        piece, self.shown = final[len(self.shown):], final
+        return piece
+
+
+def _texts(name, value, n=None) -> list[str]:
+    if isinstance(value, str):
+        value = [value] * (n or 1)
+    elif not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{name} must be a string or a list of strings; got "
+                        f"{type(value).__name__}")
+    value = list(value)
+    if not value:
+        raise ValueError(f"no {name}s given")
+    if n is not None and len(value) != n:
+        raise ValueError(f"{len(value)} {name}s for {n} prompts")
+    for i, v in enumerate(value):
+        if not v.strip():
+            raise ValueError(f"{name} {i} is empty")
+    return value
+
+
+def _decode_text(tokenizer, ids) -> str:
+    # No clean-up of spaces: it rewrites earlier text (streamed pieces must add up) and is
+    # meant for WordPiece vocabularies, not the byte-level BPE of causal LMs.
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)

