@@ -4,6 +4,7 @@
     python benchmarks/bench_decode.py --quick         # B = 1, 16 tokens, one repeat
     python benchmarks/bench_decode.py --device cuda   # GPU: random-weight Llama 1B and 8B, bf16
     python benchmarks/bench_decode.py --report benchmarks/results/decode_cpu.csv
+    python benchmarks/bench_decode.py --forward-cost  # the model's own cost of more rows
 
 Providers, all in linalign's loop (``LinearAligner``), greedy, ratio 3, T 0.5, top-p 0.8:
   plain       plain decoding of the principle prompt: one forward of B rows per step, the
@@ -29,6 +30,8 @@ import datetime
 import os
 import statistics
 import sys
+import time
+import timeit
 
 import torch
 
@@ -135,6 +138,52 @@ def random_cases(args):
             torch.cuda.empty_cache()
 
 
+def forward_cost(args):
+    """Why stacking costs on a CPU: one decode forward of the embedded model for R rows,
+    without and with left padding (rows 1.. padded by 10 of 60 prompt positions), median
+    step time over 30 cached steps, median of 3 interleaved runs; and one 576 x 1536 linear
+    layer for 1 and 2 rows (BLAS matrix-vector against matrix-matrix)."""
+    from transformers import DynamicCache
+
+    model, tokenizer = linalign.load_default_model()
+    cache_name = linalign.LinearAligner(model, tokenizer)._cache_kw  # cache / past_key_values
+
+    def one(R, pad, L=60, steps=30):
+        g = torch.Generator().manual_seed(R)
+        ids = torch.randint(100, 40000, (R, L), generator=g)
+        mask = torch.ones(R, L + steps, dtype=torch.long)
+        mask[1:, :pad] = 0
+        pos = (mask[:, :L].cumsum(-1) - 1).clamp(min=0)
+        cache_kw = {cache_name: DynamicCache()}
+        times = []
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=mask[:, :L], position_ids=pos,
+                  logits_to_keep=1, **cache_kw)
+            nxt = pos[:, -1:] + 1
+            for t in range(steps):
+                t0 = time.perf_counter()
+                model(input_ids=ids[:, -1:], attention_mask=mask[:, :L + t + 1],
+                      position_ids=nxt, logits_to_keep=1, **cache_kw)
+                times.append(time.perf_counter() - t0)
+                nxt = nxt + 1
+        return statistics.median(times) * 1e3
+
+    cases = [(1, 0), (2, 0), (2, 10), (8, 0), (8, 10), (16, 0), (16, 10)]
+    runs = {c: [] for c in cases}
+    for _ in range(3):
+        for c in cases:
+            runs[c].append(one(*c))
+    print(f"# decode forward of SmolLM2-135M, {args.threads} thread(s), median ms")
+    for (R, pad), v in runs.items():
+        print(f"rows {R:>2}  {'padded' if pad else 'no pad':>7}  {statistics.median(v):7.1f} ms")
+    lin = torch.nn.Linear(576, 1536)
+    with torch.inference_mode():
+        for R in (1, 2):
+            x = torch.randn(R, 576)
+            best = min(timeit.repeat(lambda: lin(x), number=200, repeat=3)) / 200
+            print(f"linear 576x1536, {R} row(s): {best * 1e6:.0f} us")
+
+
 def report(csv_path):
     with open(csv_path) as f:
         every = list(csv.DictReader(f))
@@ -170,9 +219,14 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="CSV to append to (default: "
                     "benchmarks/results/decode_<device>.csv)")
     ap.add_argument("--report", metavar="CSV", help="print the latest run as markdown")
+    ap.add_argument("--forward-cost", action="store_true", help="time the embedded model's "
+                    "decode forward for 1 to 16 rows, with and without padding, and exit")
     args = ap.parse_args(argv)
     if args.report:
         return report(args.report)
+    if args.forward_cost:
+        torch.set_num_threads(args.threads)
+        return forward_cost(args)
     args.batch = [int(b) for b in args.batch.split(",")]
     args.shapes = args.shapes.split(",")
     repeats = args.repeats or (3 if args.device == "cpu" else 5)

@@ -43,7 +43,9 @@ class GenerationResult:
     the log-probability of the chosen token under the step's masked aligned distribution
     (``return_logprobs=True``; else None). finish_reasons: "eos" or "length".
     prefill_seconds: the prompt forward pass(es). decode_seconds: everything after it.
-    decode_tokens_per_second: generated tokens of all rows / decode_seconds.
+    decode_tokens_per_second: generated tokens of all rows / decode_seconds. steps: decoding
+    steps run. extra["status"]: per row, the OR of the step's ``Status`` bits over its tokens
+    (FALLBACK: some step fell back to plain top-p decoding).
     """
     texts: list[str]
     token_ids: list[list[int]]
@@ -303,10 +305,16 @@ class LinearAligner:
         if unknown:
             raise TypeError(f"unexpected arguments: {sorted(unknown)}")
         a = {**defaults, **kwargs}
+        B = len(ids_with)
+        # Checked here, not at the first next(): a bad call fails where it is made.
+        _check_params(B, a["ratio"], a["temperature"], a["top_p"], a["max_new_tokens"],
+                      a["mode"])
         steps = self._decode([ids_with, ids_without], a["ratio"], a["temperature"],
                              a["top_p"], a["greedy"], a["max_new_tokens"], a["seed"],
                              a["mode"], a["return_logprobs"], a["backend"])
-        B = len(ids_with)
+        return self._pieces(steps, B, single)
+
+    def _pieces(self, steps, B, single):
         texts = [_Detok(self.tokenizer) for _ in range(B)]
         done = [False] * B
         while True:
@@ -424,11 +432,12 @@ class LinearAligner:
             t1 = time.perf_counter()
             steps = 0
             for t in range(max_new_tokens):
-                # z: [G, Ba, V] logits of the active rows, one slab per branch
+                # zp, z0: [Ba, V] logits of the active rows with and without the principle
+                # (the same rows when G = 1); stacked: [2Ba, V] split without a copy
                 Ba = rows.numel()
-                z = torch.cat(split).view(G, Ba, -1) if len(split) > 1 else \
-                    split[0].view(G, Ba, -1)
-                out = self._step(z[0], z[-1], ratio=r if G == 2 else 0.0, temperature=T,
+                zp, z0 = (split[0][:Ba], split[0][(G - 1) * Ba:]) if len(split) == 1 else \
+                    (split[0], split[1])
+                out = self._step(zp, z0, ratio=r if G == 2 else 0.0, temperature=T,
                                  top_p=p, greedy=greedy, seed=seeds, offset=t,
                                  backend=backend, check=False)
                 tok = torch.where(done, self.pad_id, out.tokens)

@@ -220,7 +220,9 @@ def test_bad_arguments(aligner):
     with pytest.raises(TypeError, match="prompt must be"):
         aligner.generate(3, PRINCIPLE)
     with pytest.raises(TypeError, match="unexpected arguments"):
-        next(aligner.stream("Q", PRINCIPLE, ratios=1))
+        aligner.stream("Q", PRINCIPLE, ratios=1)
+    with pytest.raises(ValueError, match="top_p must be"):
+        aligner.stream("Q", PRINCIPLE, top_p=2.0)  # at the call, before any iteration
 
 
 def test_nan_logits_fail_loudly(device):
