@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -82,14 +83,20 @@ def _set_special_ids(model, tokenizer, eos_ids: list[int], pad_id: int):
         gc.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else list(eos_ids)
 
 
+def _load_gguf(path: Path, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) de-quantised from a GGUF file (about 30 s for the default)."""
+    tf = _transformers()
+    kw = dict(gguf_file=path.name, local_files_only=True)
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(path.parent), **kw)
+    model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), **kw)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
 def _convert(gguf: Path, dest: Path):
     """De-quantise the GGUF once and save fp32 safetensors plus the tokenizer to ``dest``
     (written to a temporary folder first and renamed, so a killed run leaves no half cache)."""
     tf = _transformers()
-    folder, name = str(gguf.parent), gguf.name
-    tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    loaded = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                     local_files_only=True)
+    loaded, tokenizer = _load_gguf(gguf)
     # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config.
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -127,15 +134,17 @@ def load_default_model(*, device="cpu", dtype=torch.float32, cache: bool = True)
     if cache:
         dest = cache_root() / _cache_key(gguf)
         if not (dest / "linalign.json").is_file():
-            _convert(gguf, dest)
+            try:
+                _convert(gguf, dest)
+            except OSError as e:  # read-only home, full disk: still answer, say why slow
+                warnings.warn(f"could not write the model cache at {dest} ({e}); loading "
+                              "the GGUF directly, about 30 s each time. Set LINALIGN_CACHE "
+                              "to a writable folder.", RuntimeWarning, stacklevel=2)
+                cache = False
+    if cache:
         model, tokenizer = _load_folder(dest, device, dtype)
     else:
-        tf = _transformers()
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                     local_files_only=True)
-        model = tf.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                        local_files_only=True)
-        model = model.to(device=device, dtype=dtype).eval()
+        model, tokenizer = _load_gguf(gguf, device, dtype)
     _set_special_ids(model, tokenizer, [SMOLLM2_END_OF_TURN], SMOLLM2_END_OF_TURN)
     return model, tokenizer
 
@@ -161,11 +170,7 @@ def load_model(path=None, *, device="cpu", dtype=torch.float32):
         return load_default_model(device=device, dtype=dtype)
     path = Path(path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        tf = _transformers()
-        kw = dict(gguf_file=path.name, local_files_only=True)
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(path.parent), **kw)
-        model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), **kw)
-        model = model.to(device=device, dtype=dtype).eval()
+        model, tokenizer = _load_gguf(path, device, dtype)
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json)")

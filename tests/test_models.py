@@ -117,6 +117,24 @@ def test_load_model_from_a_folder(aligner):
         models.load_model(folder / "missing")
 
 
+def test_unwritable_cache_still_loads(monkeypatch, tmp_path):
+    """A cache that cannot be written (read-only home, full disk) gives a warning and a
+    direct GGUF load, not a failure."""
+    from types import SimpleNamespace
+
+    def refuse(gguf, dest):
+        raise PermissionError(13, "Permission denied", str(dest))
+
+    direct = (SimpleNamespace(config=SimpleNamespace(), generation_config=SimpleNamespace()),
+              SimpleNamespace())
+    monkeypatch.setenv("LINALIGN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_convert", refuse)
+    monkeypatch.setattr(models, "_load_gguf", lambda path, device, dtype: direct)
+    with pytest.warns(RuntimeWarning, match="could not write the model cache"):
+        model, tokenizer = models.load_default_model()
+    assert (model, tokenizer) == direct and tokenizer.pad_token_id == 2
+
+
 def _cli(*args):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "linalign", *args], capture_output=True,
