@@ -128,13 +128,19 @@ def _row_seeds(seed, B, greedy) -> list[int] | None:
     return seeds
 
 
-def _id_rows(name, rows) -> list[list[int]]:
+def _id_rows(name, rows, vocab) -> list[list[int]]:
     if isinstance(rows, torch.Tensor):
         rows = rows.tolist() if rows.dim() == 2 else [rows.tolist()]
     rows = [list(map(int, r.tolist() if isinstance(r, torch.Tensor) else r)) for r in rows]
     for i, r in enumerate(rows):
         if not r:
             raise ValueError(f"{name}[{i}] is empty: every prompt needs at least one token")
+        # An id outside the embedding would fail deep in the model (on a GPU, as a
+        # device-side assert that breaks the CUDA context): refuse it here.
+        if min(r) < 0 or max(r) >= vocab:
+            bad = next(x for x in r if not 0 <= x < vocab)
+            raise ValueError(f"{name}[{i}] holds token id {bad}, outside the model's "
+                             f"vocabulary [0, {vocab})")
     return rows
 
 
@@ -258,7 +264,8 @@ class LinearAligner:
                      backend="auto") -> GenerationResult:
         """``generate`` at token level: prompt ids of both branches in (lists of ints, one
         per row, or [B, L] tensors without padding), generated ids out."""
-        groups = [_id_rows("ids_with", ids_with), _id_rows("ids_without", ids_without)]
+        groups = [_id_rows("ids_with", ids_with, self.vocab_size),
+                  _id_rows("ids_without", ids_without, self.vocab_size)]
         if len(groups[0]) != len(groups[1]):
             raise ValueError(f"ids_with has {len(groups[0])} rows but ids_without has "
                              f"{len(groups[1])}")
@@ -288,7 +295,7 @@ class LinearAligner:
                            streamer=None, return_logprobs=False,
                            backend="auto") -> GenerationResult:
         """``generate_plain`` at token level: one branch's prompt ids in, ids out."""
-        rows = _id_rows("ids", ids)
+        rows = _id_rows("ids", ids, self.vocab_size)
         return self._consume(self._decode([rows], 0.0, temperature, top_p, greedy,
                                           max_new_tokens, seed, "stacked", return_logprobs,
                                           backend), streamer, rows)
@@ -359,6 +366,11 @@ class LinearAligner:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: the valid prompt ids are [0, vocab_size)."""
+        return self.model.get_input_embeddings().num_embeddings
 
     def _prefill(self, rows, max_new_tokens) -> tuple[_Part, torch.Tensor]:
         # rows: R prompt id lists -> logits [R, V] of each row's last prompt position

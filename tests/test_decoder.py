@@ -199,6 +199,9 @@ def test_bad_arguments(aligner):
     cases = [
         (lambda: aligner.generate_ids(w, wo[:1]), "ids_with has 2 rows"),
         (lambda: aligner.generate_ids([[1], []], wo), "ids_with\\[1\\] is empty"),
+        (lambda: aligner.generate_ids([[1], [5, 320]], wo), "token id 320, outside the "
+                                                            "model's vocabulary \\[0, 320\\)"),
+        (lambda: aligner.generate_plain_ids([[-1]]), "ids\\[0\\] holds token id -1"),
         (lambda: aligner.generate_ids(w, wo, ratio=float("nan")), "ratio must be"),
         (lambda: aligner.generate_ids(w, wo, ratio=[1.0]), "ratio has 1 values"),
         (lambda: aligner.generate_ids(w, wo, top_p=0.0), "top_p must be"),
