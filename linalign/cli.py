@@ -79,14 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the chat template's own)")
     g.add_argument("--model", default=None, metavar="PATH", help="a local Hugging Face "
                    "causal-LM folder or .gguf file (default: the embedded SmolLM2)")
-    g.add_argument("--stream", action="store_true", help="print the answer as it is made")
-    g.add_argument("--compare", action="store_true", help="also print the answer without the "
-                   "principle and with the principle only in the prompt")
+    shown = g.add_mutually_exclusive_group()
+    shown.add_argument("--stream", action="store_true", help="print the answer as it is made")
+    shown.add_argument("--compare", action="store_true", help="also print the answer without "
+                       "the principle and with the principle only in the prompt")
     g.add_argument("--mode", choices=MODES, default="stacked", help="one forward of 2B rows "
                    "(stacked, default) or two caches")
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--stats", action="store_true", help="print timing to stderr")
+    g.add_argument("--stats", action="store_true", help="print load and decoding times to "
+                   "stderr")
     return parser
 
 
@@ -128,29 +130,30 @@ def _generate(args, out):
                  lambda: aligner.generate(args.prompt, args.principle, ratio=args.ratio,
                                           mode=args.mode, **kw))):
             out.write(f"=== {title} ===\n")
-            _show(run, args, out)
+            _show(run(), args.stats, out)
             out.write("\n")
-        return
-    if args.stream:
+    elif args.stream:
+        t0 = time.perf_counter()
         for piece in aligner.stream(args.prompt, args.principle, ratio=args.ratio,
                                     mode=args.mode, **kw):
             out.write(piece)
             out.flush()
         out.write("\n")
-        return
-    result = _show(lambda: aligner.generate(args.prompt, args.principle, ratio=args.ratio,
-                                            mode=args.mode, **kw), args, out)
+        if args.stats:
+            print(f"generated in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    else:
+        _show(aligner.generate(args.prompt, args.principle, ratio=args.ratio, mode=args.mode,
+                               **kw), args.stats, out)
     if args.stats:
-        print(f"load {load:.1f} s, prefill {result.prefill_seconds:.2f} s, "
-              f"{result.new_tokens} tokens at {result.decode_tokens_per_second:.1f} tokens/s",
-              file=sys.stderr)
+        print(f"model loaded in {load:.1f} s", file=sys.stderr)
 
 
-def _show(run, args, out):
-    result = run()
+def _show(result, stats, out):
     out.write(result.text.strip() + "\n")
     out.flush()
-    return result
+    if stats:
+        print(f"prefill {result.prefill_seconds:.2f} s, {result.new_tokens} tokens at "
+              f"{result.decode_tokens_per_second:.1f} tokens/s", file=sys.stderr)
 
 
 def main(argv=None) -> int:

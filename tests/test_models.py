@@ -168,6 +168,7 @@ def test_command_compare_and_stream():
     (["generate", "hi", "--principle", "x", "--model", "/no/such/folder"], "no such folder"),
     (["generate", "hi", "--principle", "x", "--ratio", "nan"], "--ratio"),
     (["generate", "hi", "--principle", "x", "--max-new-tokens", "-3"], "--max-new-tokens"),
+    (["generate", "hi", "--principle", "x", "--stream", "--compare"], "not allowed with"),
 ])
 def test_command_bad_arguments(args, message):
     run = _cli(*args)
