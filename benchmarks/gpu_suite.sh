@@ -3,7 +3,7 @@
 # decoding loop on the GPU), benchmark decoding (random-weight Llama 1B and 8B shapes, bf16)
 # and the step. Every stage runs even if an earlier one failed, each under a time cap; exit
 # codes are in OUTDIR/status.txt (124: the cap was hit). The caps add up to under 10
-# minutes; on an H100 on 2026-11-26 the stages took about 2.5, 2.5 and 1.5 minutes. Usage (on
+# minutes; on an H100 on 2026-11-26 the stages took about 2.3, 2.5 and 0.7 minutes. Usage (on
 # the GPU machine, from the repository root):
 #     bash benchmarks/gpu_suite.sh OUTDIR
 # The GPU machine has no gguf and no model wheel, so tests/test_models.py (the embedded
