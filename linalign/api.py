@@ -73,6 +73,15 @@ def _rows(mask):
     return str(rows[:10]) + (" ..." if len(rows) > 10 else "")
 
 
+#: What each per-row parameter must be: (test on a fp32 tensor, the words for the error).
+#: The decoder validates with the same rules before its loop.
+RULES = {
+    "ratio": (torch.isfinite, "a finite number"),
+    "temperature": (lambda t: torch.isfinite(t) & (t >= 0), "finite and >= 0"),
+    "top_p": (lambda p: (p > 0) & (p <= 1), "in (0, 1]"),
+}
+
+
 def _param(name, x, B, device, check, valid, expected):
     """Validate a number or a [B] tensor; return it (tensors as fp32 on ``device``)."""
     if isinstance(x, torch.Tensor):
@@ -134,11 +143,9 @@ def prepare(logits_p, logits_0, ratio, temperature, top_p, generator, seed, offs
     if V == 0:
         raise ValueError("the vocabulary is empty (V = 0); expected V >= 1")
     dev = logits_p.device
-    ratio = _param("ratio", ratio, B, dev, check, torch.isfinite, "a finite number")
-    temperature = _param("temperature", temperature, B, dev, check,
-                         lambda t: torch.isfinite(t) & (t >= 0), "finite and >= 0")
-    top_p = _param("top_p", top_p, B, dev, check,
-                   lambda p: (p > 0) & (p <= 1), "in (0, 1]")
+    ratio = _param("ratio", ratio, B, dev, check, *RULES["ratio"])
+    temperature = _param("temperature", temperature, B, dev, check, *RULES["temperature"])
+    top_p = _param("top_p", top_p, B, dev, check, *RULES["top_p"])
     if isinstance(temperature, torch.Tensor):
         temperature = torch.where((temperature > 0) & (temperature < TINY_T),
                                   torch.full_like(temperature, TINY_T), temperature)

@@ -17,14 +17,13 @@ streamer reads every step's tokens, which synchronises every step.
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 
-from .api import Status, step
+from .api import RULES, Status, step
 from .models import eos_token_ids
 
 MODES = ("stacked", "two-caches")
@@ -89,16 +88,15 @@ def _per_row(name, value, B, *, cast=float):
 
 def _check_params(B, ratio, temperature, top_p, max_new_tokens, mode):
     """Host-side validation, once per call, so the loop can run the step with check=False."""
-    r = _per_row("ratio", ratio, B)
-    T = _per_row("temperature", temperature, B)
-    p = _per_row("top_p", top_p, B)
-    for name, vals, ok, want in (
-            ("ratio", r, math.isfinite, "a finite number"),
-            ("temperature", T, lambda x: math.isfinite(x) and x >= 0, "finite and >= 0"),
-            ("top_p", p, lambda x: 0 < x <= 1, "in (0, 1]")):
-        bad = [v for v in vals if not ok(v)]
-        if bad:
-            raise ValueError(f"{name} must be {want}; got {bad[0]}")
+    values = {}
+    for name, value in (("ratio", ratio), ("temperature", temperature), ("top_p", top_p)):
+        values[name] = _per_row(name, value, B)
+        valid, expected = RULES[name]  # the step's own rules and words
+        bad = ~valid(torch.tensor(values[name], dtype=torch.float32))
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be {expected}; got "
+                             f"{values[name][int(bad.nonzero()[0])]}")
+    r, T, p = values["ratio"], values["temperature"], values["top_p"]
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
             or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
