@@ -13,11 +13,18 @@ nothing; every 8 steps on a GPU, so the host can queue the next forward passes m
 and then drops finished rows from the batch (their KV cache rows included), so a finished
 row stops costing compute. A finished row that is still in the batch emits padding. A
 streamer reads every step's tokens, which synchronises every step.
+
+``fast=True`` (stacked and plain decoding) runs the same loop over a transformers
+``StaticCache`` and static buffers (``_FastSession``); on CUDA one decode step (the forward
+of the rows' new tokens, the step and the bookkeeping) is captured once in a CUDA graph and
+replayed. Finished rows stay in the batch until every row is done. See docs/decoder.md.
 """
 from __future__ import annotations
 
 import inspect
 import time
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -31,6 +38,10 @@ MODES = ("stacked", "two-caches")
 #: greedy. See docs/decoder.md for why the decoder keeps it as its default.
 DEFAULTS = dict(ratio=3.0, temperature=0.5, top_p=0.8, greedy=True, max_new_tokens=256)
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio increment: row seeds far apart in key space
+#: fast=True: eager decode steps (on a side stream) before the CUDA graph is captured, and how
+#: many shapes' static caches and graphs an aligner keeps (least recently used dropped).
+FAST_WARMUP_STEPS = 2
+FAST_SESSIONS = 4
 
 
 @dataclass
@@ -158,6 +169,39 @@ class _Part:
         self.pos = self.pos[idx]
 
 
+class _FastSession:
+    """The fast path's state for one shape: a ``StaticCache`` over G * B rows and
+    ``max_len`` positions, and static buffers that every decode step reads and writes in
+    place, so that a CUDA graph captured over one step stays valid for every later step and
+    every later call of the same shape. Nothing here is ever rebound after creation: new
+    values are copied in."""
+
+    def __init__(self, model, G, B, L, N, greedy, want_logprobs, eos_ids, dev):
+        from transformers import StaticCache
+
+        R, self.G, self.B, self.N = G * B, G, B, N
+        self.max_len = L + N
+        self.cache = StaticCache(config=model.config, max_cache_len=self.max_len)
+        i64, f32 = dict(dtype=torch.long, device=dev), dict(dtype=torch.float32, device=dev)
+        self.mask = torch.zeros((R, self.max_len), **i64)  # left padding 0, the rest 1
+        self.pos = torch.zeros(R, **i64)          # position of the next input token
+        self.tok_in = torch.zeros(R, **i64)       # the next input token of every row
+        self.off = torch.zeros(B, **i64)          # step index (the sampling offset)
+        self.ratio = torch.zeros(B, **f32)
+        self.temperature = torch.zeros(B, **f32)
+        self.top_p = torch.zeros(B, **f32)
+        self.seeds = None if greedy else torch.zeros(B, **i64)
+        self.eos = torch.tensor(eos_ids or [-1], **i64)
+        self.done = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.status = torch.zeros(B, dtype=torch.int32, device=dev)
+        self.out_tok = torch.zeros((B, N), **i64)
+        self.out_lp = torch.zeros((B, N), **f32) if want_logprobs else None
+        self.graph = None         # torch.cuda.CUDAGraph once captured
+        self.capture_failed = False
+        self.warm_steps = 0       # eager decode steps run so far (CUDA warm-up)
+        self.busy = False         # a generator is using it (two live streams: two sessions)
+
+
 class LinearAligner:
     """Linear Alignment decoding with a Hugging Face causal LM and its tokenizer.
 
@@ -186,6 +230,12 @@ class LinearAligner:
         self._keep_logits = "logits_to_keep" in params
         self._template = getattr(tokenizer, "chat_template", None) is not None
         self._step = step  # benchmarks swap in the authors' step to time their structure
+        # fast=True needs a cache argument that the forward really reads
+        self._has_cache_kw = "cache" in params or "past_key_values" in params
+        self._fast_sessions: OrderedDict = OrderedDict()
+        #: fast=True counters: CUDA graphs captured, graph replays, decode steps run eagerly
+        #: (CPU, CUDA warm-up, or a failed capture), failed captures.
+        self.fast_stats = dict(captures=0, replays=0, eager_steps=0, capture_failures=0)
         self._default_system = self._find_default_system() if self._template else None
 
     # ------------------------------------------------------------------ prompts
@@ -237,7 +287,7 @@ class LinearAligner:
                  temperature=DEFAULTS["temperature"], top_p=DEFAULTS["top_p"],
                  greedy=DEFAULTS["greedy"], max_new_tokens=DEFAULTS["max_new_tokens"],
                  seed=None, streamer=None, mode="stacked", return_logprobs=False,
-                 backend="auto") -> GenerationResult:
+                 backend="auto", fast=False) -> GenerationResult:
         """Generate aligned answers for ``prompts`` (a string or a list) under ``principle``
         (one string, or one per prompt).
 
@@ -248,18 +298,21 @@ class LinearAligner:
         ``put(ids)`` / ``end()`` (``transformers.TextStreamer`` works), fed the principle
         branch's prompt ids first and then each step's [B] tokens, as ``generate`` does.
         mode: "stacked" (one forward of 2B rows per step) or "two-caches".
+        fast: True runs the stacked loop over a static KV cache and, on CUDA, replays one
+        decode step as a CUDA graph (same tokens; finished rows keep running until all are
+        done; "stacked" only). See docs/decoder.md.
         """
         ids_with, ids_without = self.branches(prompts, principle)
         return self.generate_ids(ids_with, ids_without, ratio=ratio, temperature=temperature,
                                  top_p=top_p, greedy=greedy, max_new_tokens=max_new_tokens,
                                  seed=seed, streamer=streamer, mode=mode,
-                                 return_logprobs=return_logprobs, backend=backend)
+                                 return_logprobs=return_logprobs, backend=backend, fast=fast)
 
     def generate_ids(self, ids_with, ids_without, *, ratio=DEFAULTS["ratio"],
                      temperature=DEFAULTS["temperature"], top_p=DEFAULTS["top_p"],
                      greedy=DEFAULTS["greedy"], max_new_tokens=DEFAULTS["max_new_tokens"],
                      seed=None, streamer=None, mode="stacked", return_logprobs=False,
-                     backend="auto") -> GenerationResult:
+                     backend="auto", fast=False) -> GenerationResult:
         """``generate`` at token level: prompt ids of both branches in (lists of ints, one
         per row, or [B, L] tensors without padding), generated ids out."""
         groups = [_id_rows("ids_with", ids_with, self.vocab_size),
@@ -269,12 +322,12 @@ class LinearAligner:
                              f"{len(groups[1])}")
         return self._consume(self._decode(groups, ratio, temperature, top_p, greedy,
                                           max_new_tokens, seed, mode, return_logprobs,
-                                          backend), streamer, groups[0])
+                                          backend, fast), streamer, groups[0])
 
     def generate_plain(self, prompts, principle=None, *, temperature=DEFAULTS["temperature"],
                        top_p=DEFAULTS["top_p"], greedy=DEFAULTS["greedy"],
                        max_new_tokens=DEFAULTS["max_new_tokens"], seed=None, streamer=None,
-                       return_logprobs=False, backend="auto") -> GenerationResult:
+                       return_logprobs=False, backend="auto", fast=False) -> GenerationResult:
         """Plain top-p decoding of one branch in the same loop (no Linear Alignment): the
         conversation with ``principle`` in the system message, or without one. One forward
         of B rows per step; the step runs with both branches equal and ratio 0."""
@@ -285,18 +338,19 @@ class LinearAligner:
         return self.generate_plain_ids(rows, temperature=temperature, top_p=top_p,
                                        greedy=greedy, max_new_tokens=max_new_tokens,
                                        seed=seed, streamer=streamer,
-                                       return_logprobs=return_logprobs, backend=backend)
+                                       return_logprobs=return_logprobs, backend=backend,
+                                       fast=fast)
 
     def generate_plain_ids(self, ids, *, temperature=DEFAULTS["temperature"],
                            top_p=DEFAULTS["top_p"], greedy=DEFAULTS["greedy"],
                            max_new_tokens=DEFAULTS["max_new_tokens"], seed=None,
                            streamer=None, return_logprobs=False,
-                           backend="auto") -> GenerationResult:
+                           backend="auto", fast=False) -> GenerationResult:
         """``generate_plain`` at token level: one branch's prompt ids in, ids out."""
         rows = _id_rows("ids", ids, self.vocab_size)
         return self._consume(self._decode([rows], 0.0, temperature, top_p, greedy,
                                           max_new_tokens, seed, "stacked", return_logprobs,
-                                          backend), streamer, rows)
+                                          backend, fast), streamer, rows)
 
     def stream(self, prompts, principle, **kwargs) -> Iterator:
         """Like ``generate``, as an iterator over new text. For one prompt (a string) it yields
@@ -305,7 +359,7 @@ class LinearAligner:
         single = isinstance(prompts, str)
         ids_with, ids_without = self.branches(prompts, principle)
         defaults = dict(DEFAULTS, seed=None, mode="stacked", return_logprobs=False,
-                        backend="auto")
+                        backend="auto", fast=False)
         unknown = set(kwargs) - set(defaults)
         if unknown:
             raise TypeError(f"unexpected arguments: {sorted(unknown)}")
@@ -314,9 +368,10 @@ class LinearAligner:
         # Checked here, not at the first next(): a bad call fails where it is made.
         _check_params(B, a["ratio"], a["temperature"], a["top_p"], a["max_new_tokens"],
                       a["mode"])
+        self._check_fast(a["fast"], a["mode"])
         steps = self._decode([ids_with, ids_without], a["ratio"], a["temperature"],
                              a["top_p"], a["greedy"], a["max_new_tokens"], a["seed"],
-                             a["mode"], a["return_logprobs"], a["backend"])
+                             a["mode"], a["return_logprobs"], a["backend"], a["fast"])
         return self._pieces(steps, B, single)
 
     def _pieces(self, steps, B, single):
@@ -405,17 +460,21 @@ class LinearAligner:
         return logits
 
     def _decode(self, groups, ratio, temperature, top_p, greedy, max_new_tokens, seed, mode,
-                want_logprobs, backend):
+                want_logprobs, backend, fast=False):
         """Generator: yields each step's tokens [B] (pad for finished rows) on the device and
         returns the GenerationResult. groups: G lists of B prompt id lists (G = 2: with and
         without the principle; G = 1: plain decoding of one branch)."""
         G, B = len(groups), len(groups[0])
         r, T, p = _check_params(B, ratio, temperature, top_p, max_new_tokens, mode)
+        self._check_fast(fast, mode)
         seeds = _row_seeds(seed, B, greedy)
         self._check_length(groups, max_new_tokens)
         dev = self.device
         if max_new_tokens == 0:
             return self._result([[] for _ in range(B)], None, [], 0.0, 0.0, 0)
+        if fast:
+            return (yield from self._decode_fast(groups, r, T, p, greedy, max_new_tokens,
+                                                 seeds, want_logprobs, backend))
 
         f32 = dict(dtype=torch.float32, device=dev)
         r, T, p = torch.tensor(r, **f32), torch.tensor(T, **f32), torch.tensor(p, **f32)
@@ -484,6 +543,183 @@ class LinearAligner:
         return self._result(out_tok[:, :steps].tolist(),
                             None if out_lp is None else out_lp[:, :steps].tolist(),
                             status.tolist(), t1 - t0, t2 - t1, steps)
+
+    # ------------------------------------------------------------------ fast=True
+    def _check_fast(self, fast, mode):
+        if not isinstance(fast, bool):
+            raise TypeError(f"fast must be True or False; got {fast!r}")
+        if not fast:
+            return
+        if mode != "stacked":
+            raise ValueError(f'fast=True runs the stacked loop (mode="stacked") only; got '
+                             f'mode={mode!r}')
+        if not self._has_cache_kw:
+            raise ValueError("fast=True needs a model whose forward takes a KV cache "
+                             "(`cache` or `past_key_values`); this one takes neither")
+        try:
+            from transformers import StaticCache  # noqa: F401
+        except ImportError as e:  # pragma: no cover - every supported transformers has it
+            raise ValueError("fast=True needs transformers.StaticCache") from e
+
+    def clear_fast_cache(self):
+        """Drop the static caches and CUDA graphs that ``fast=True`` keeps for reuse."""
+        self._fast_sessions.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _fast_session(self, G, B, L, N, greedy, want_logprobs, backend, dev) -> _FastSession:
+        """The session of this shape: reused (its graph included) when one is free, else a
+        new one; the aligner keeps the FAST_SESSIONS most recently used."""
+        key = (G, B, L, N, bool(greedy), bool(want_logprobs), backend, tuple(self.eos_ids),
+               self.pad_id, self._step)
+        s = self._fast_sessions.get(key)
+        if s is not None and not s.busy:
+            self._fast_sessions.move_to_end(key)
+            return s
+        s = _FastSession(self.model, G, B, L, N, greedy, want_logprobs, self.eos_ids, dev)
+        if key not in self._fast_sessions:
+            self._fast_sessions[key] = s
+            while len(self._fast_sessions) > FAST_SESSIONS:
+                self._fast_sessions.popitem(last=False)
+        return s
+
+    def _fast_forward(self, s, ids, pos) -> torch.Tensor:
+        # the whole preallocated mask every time: the static cache attends over all max_len
+        # positions, causality hides the ones not written yet
+        kw = {self._cache_kw: s.cache, "use_cache": True}
+        if self._keep_logits:
+            kw["logits_to_keep"] = 1
+        out = self.model(input_ids=ids, attention_mask=s.mask, position_ids=pos, **kw)
+        return out.logits[:, -1, :]
+
+    def _fast_step(self, s, logits, greedy, backend):
+        """The step and its bookkeeping at step index s.off, all in place on the device:
+        no host synchronisation (the step runs with check=False and [B] tensors)."""
+        B, G = s.B, s.G
+        zp, z0 = logits[:B], logits[(G - 1) * B:]
+        out = self._step(zp, z0, ratio=s.ratio, temperature=s.temperature, top_p=s.top_p,
+                         greedy=greedy, seed=s.seeds, offset=s.off, backend=backend,
+                         check=False)
+        tok = torch.where(s.done, self.pad_id, out.tokens)
+        col = s.off[:1]
+        s.out_tok.index_copy_(1, col, tok[:, None])
+        if s.out_lp is not None:
+            s.out_lp.index_copy_(1, col, torch.where(s.done, 0.0, out.logprobs)[:, None])
+        s.status.bitwise_or_(torch.where(s.done, 0, out.status).to(torch.int32))
+        s.done.logical_or_((tok[:, None] == s.eos).any(1))
+        s.tok_in.copy_(tok.repeat(G))
+
+    def _fast_body(self, s, greedy, backend):
+        """One decode step after the first: forward of every row's new token (finished rows
+        included: a static cache cannot drop rows), then the step. This is what the CUDA
+        graph captures."""
+        logits = self._fast_forward(s, s.tok_in[:, None], s.pos[:, None])
+        s.pos.add_(1)
+        s.off.add_(1)
+        self._fast_step(s, logits, greedy, backend)
+
+    def _fast_advance(self, s, greedy, backend, dev):
+        if s.graph is not None:
+            s.graph.replay()
+            self.fast_stats["replays"] += 1
+            return
+        if dev.type != "cuda" or s.capture_failed:
+            self._fast_body(s, greedy, backend)
+            self.fast_stats["eager_steps"] += 1
+            return
+        if s.warm_steps < FAST_WARMUP_STEPS:
+            # the torch.cuda.graph recipe: warm up (kernel compilation, cuBLAS workspaces,
+            # lazy allocations) on a side stream; these are real decode steps
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                self._fast_body(s, greedy, backend)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            s.warm_steps += 1
+            self.fast_stats["eager_steps"] += 1
+            return
+        # Capture records the kernels without running them, so the step still has to be
+        # run: by the first replay, or eagerly if capture fails.
+        graph = torch.cuda.CUDAGraph()
+        try:
+            torch.cuda.synchronize(dev)
+            with torch.cuda.graph(graph):
+                self._fast_body(s, greedy, backend)
+        except Exception as e:  # something in the step is not capturable: stay eager
+            s.capture_failed = True
+            self.fast_stats["capture_failures"] += 1
+            warnings.warn(f"fast=True: CUDA graph capture failed ({type(e).__name__}: {e}); "
+                          "decoding continues with the static cache, without the graph",
+                          RuntimeWarning, stacklevel=4)
+            torch.cuda.synchronize(dev)
+            self._fast_body(s, greedy, backend)
+            self.fast_stats["eager_steps"] += 1
+            return
+        s.graph = graph
+        self.fast_stats["captures"] += 1
+        s.graph.replay()
+        self.fast_stats["replays"] += 1
+
+    def _decode_fast(self, groups, r, T, p, greedy, N, seeds, want_logprobs, backend):
+        """``_decode`` over a static cache (generator, same yields and result). Rows stay in
+        the batch until all are done: a finished row emits padding at full cost."""
+        G, B = len(groups), len(groups[0])
+        dev = self.device
+        rows = [row for g in groups for row in g]
+        L = max(len(x) for x in rows)
+        sync_every = 1 if dev.type == "cpu" else 8
+        with torch.inference_mode():
+            _sync(dev)
+            t0 = time.perf_counter()
+            s = self._fast_session(G, B, L, N, greedy, want_logprobs, backend, dev)
+            s.busy = True
+            try:
+                ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(rows), L + N), dtype=torch.long)
+                for i, x in enumerate(rows):
+                    ids[i, L - len(x):] = torch.tensor(x)
+                    mask[i, L - len(x):] = 1
+                mask[:, L:] = 1
+                s.mask.copy_(mask)
+                pos = (s.mask[:, :L].cumsum(-1) - 1).clamp(min=0)
+                s.pos.copy_(pos[:, -1] + 1)
+                s.off.zero_()
+                s.ratio.copy_(torch.tensor(r if G == 2 else [0.0] * B))
+                s.temperature.copy_(torch.tensor(T))
+                s.top_p.copy_(torch.tensor(p))
+                if s.seeds is not None:
+                    s.seeds.copy_(torch.tensor(seeds, dtype=torch.long))
+                s.done.zero_()
+                s.status.zero_()
+                s.out_tok.fill_(self.pad_id)
+                if s.out_lp is not None:
+                    s.out_lp.zero_()
+                s.cache.reset()  # in place: the captured graph keeps its addresses
+                logits = self._fast_forward(s, ids.to(dev), pos)
+                _sync(dev)
+                t1 = time.perf_counter()
+                self._fast_step(s, logits, greedy, backend)  # step 0 on the prompt logits
+                steps = 1
+                yield s.out_tok[:, 0]
+                for t in range(1, N):
+                    if t % sync_every == 0:
+                        if bool((s.status & Status.BAD_INPUT).any()):
+                            self._raise_bad(s.status)
+                        if bool(s.done.all()):
+                            break
+                    self._fast_advance(s, greedy, backend, dev)
+                    steps = t + 1
+                    yield s.out_tok[:, t]
+                _sync(dev)
+                t2 = time.perf_counter()
+                status = s.status.clone()
+                toks = s.out_tok[:, :steps].tolist()
+                lps = None if s.out_lp is None else s.out_lp[:, :steps].tolist()
+            finally:
+                s.busy = False
+        if bool((status & Status.BAD_INPUT).any()):
+            self._raise_bad(status)
+        return self._result(toks, lps, status.tolist(), t1 - t0, t2 - t1, steps)
 
     def _raise_bad(self, status):
         bad = (status & Status.BAD_INPUT).nonzero().squeeze(1).tolist()
