@@ -143,3 +143,92 @@ def step(logits_p, logits_0, *, ratio, temperature=1.0, top_p=1.0, greedy=False,
     if check:
         raise_on_bad_rows(out)
     return out
+
+
+# ------------------------------------------------------------ the batched form, to compile
+def _col(x, B, device):
+    """A Python number stays a number; a [B] tensor becomes an fp32 [B, 1] column."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float32).reshape(B, 1)
+    return float(x)
+
+
+def vectorized_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None):
+    """SPEC section 1 (and the edge cases of section 2) for the whole batch at once: the
+    same answers as ``reference_step`` in fp32, as one sort-based graph without host syncs.
+
+    It exists to be compiled, as the "torch.compile of the reference" baseline of the
+    benchmarks (``torch.compile(vectorized_step, dynamic=True)``); no backend uses it.
+    Arguments are validated ones (as ``linalign.api.prepare`` returns them): [B, V] fp32,
+    bf16 or fp16 logits; ``ratio``, ``temperature``, ``top_p`` Python numbers or [B]
+    tensors; ``u`` the [B] uniforms of a sampled step (``linalign.random.row_uniforms``),
+    ignored when ``greedy``. Temperatures must be > 0 (T = 0 rows are not handled here; the
+    reference and the backends treat them as greedy). Returns (tokens int64, log-probs fp32,
+    nucleus sizes int32, status int32), each [B], like ``reference_step``.
+
+    How, per row, without a Python loop: sort the principle branch once (descending); the
+    exclusive running sum of its softmax gives the mass strictly above each sorted position;
+    with k = the number of positions whose running mass is below top_p, the nucleus is every
+    token whose logit is >= the k-th largest (which keeps all ties of the last kept token:
+    a tied token's mass-above is the running mass at the first of its ties), and within
+    80 T of the best. The rest is elementwise, plus ``argmax`` (first maximal index) or an
+    inverse-CDF draw in vocabulary order (first token whose running mass exceeds u times
+    the total), as in ``row_step``.
+    """
+    B, V = logits_p.shape
+    dev = logits_p.device
+    ninf = float("-inf")
+    r, T, p = (_col(x, B, dev) for x in (ratio, temperature, top_p))
+    zp, z0 = logits_p.float(), logits_0.float()
+    bad_p = torch.isnan(zp) | (zp == float("inf"))
+    bad_0 = torch.isnan(z0) | (z0 == float("inf"))
+    zp = torch.where(bad_p, ninf, zp)
+    z0 = torch.where(bad_0, ninf, z0)
+    finite_p = zp > ninf
+    any_p = finite_p.any(-1, keepdim=True)  # [B, 1]
+    bad = (bad_p.any(-1) | bad_0.any(-1) | ~any_p[:, 0])
+
+    # SPEC 1.1-1.2: the nucleus of softmax(zp / T).
+    m = zp.max(-1, keepdim=True).values
+    m = torch.where(any_p, m, torch.zeros_like(m))  # rows without a finite logit: no NaN
+    pi = torch.softmax((zp - m) / T, dim=-1)
+    values, order = torch.sort(zp, dim=-1, descending=True)
+    run = torch.cumsum(pi.gather(-1, order), dim=-1)
+    above = torch.cat([torch.zeros_like(run[:, :1]), run[:, :-1]], dim=-1)  # strictly above
+    ones = torch.ones((B, 1), device=dev, dtype=torch.float32)
+    below = (above < p * ones) | (p * ones >= 1.0)  # top_p = 1 keeps everything (as row_step)
+    k = below.sum(-1, keepdim=True).clamp(min=1)
+    tau = values.gather(-1, k - 1)
+    cut = m - GAP * (T * ones)  # the gap rule in fp32
+    in_n = finite_p & (zp >= tau) & (zp >= cut)
+
+    # SPEC 1.3 and 2: banned stays banned; fall back to r = 0 when that empties N.
+    allowed = in_n & (z0 > ninf)
+    fallback = in_n.any(-1, keepdim=True) & ~allowed.any(-1, keepdim=True)
+    allowed = torch.where(fallback, in_n, allowed)
+    r_eff = torch.where(fallback, torch.zeros_like(ones), r * ones)
+    a = aligned_scores(zp, torch.where(allowed, z0, zp), r_eff)
+    a = torch.where(allowed, a, ninf)
+
+    # SPEC 1.4.
+    greedy_token = torch.argmax(a, dim=-1)
+    amax = a.max(-1, keepdim=True).values
+    amax = torch.where(amax > ninf, amax, torch.zeros_like(amax))
+    logp = torch.log_softmax((a - amax) / T, dim=-1)
+    if greedy:
+        token = greedy_token
+    else:
+        w = torch.exp(logp)
+        cum = torch.cumsum(w, dim=-1)
+        pos = w > 0
+        over = (cum > u.to(device=dev, dtype=torch.float32).reshape(B, 1) * cum[:, -1:]) & pos
+        first = torch.argmax(over.to(torch.int8), dim=-1)
+        ids = torch.arange(V, device=dev).expand(B, V)
+        last = torch.where(pos, ids, 0).max(-1).values
+        token = torch.where(over.any(-1), first, last)
+    token = torch.where(any_p[:, 0], token, 0)
+    logprob = torch.where(any_p[:, 0], logp.gather(-1, token[:, None])[:, 0], ninf)
+    size = torch.where(any_p[:, 0], in_n.sum(-1).to(torch.int32), 0)
+    status = fallback[:, 0].to(torch.int32) | (bad.to(torch.int32) * 2)
+    status = torch.where(any_p[:, 0], status, 2)
+    return token, logprob, size, status
