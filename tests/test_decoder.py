@@ -256,3 +256,134 @@ def test_cache_argument_follows_the_installed_transformers(aligner, model):
     finally:
         del model.forward
     assert seen[0] > 1 and seen[1:] == [1] * 4
+
+
+# ---- fast=True: static KV cache, static buffers, a CUDA graph per decode step on a GPU ----
+
+def _same(a, b, logprobs=True):
+    assert a.token_ids == b.token_ids
+    assert a.texts == b.texts and a.finish_reasons == b.finish_reasons
+    assert a.steps == b.steps and a.extra["status"] == b.extra["status"]
+    if logprobs:
+        for x, y in zip(a.logprobs, b.logprobs):
+            torch.testing.assert_close(torch.tensor(x), torch.tensor(y), atol=1e-4, rtol=1e-4)
+
+
+def test_fast_matches_stacked_greedy(aligner):
+    """Prompts of different lengths, per-row parameters: the same greedy tokens and logprobs
+    as the dynamic-cache loop, for Linear Alignment and for plain decoding; and again from
+    the reused static cache (and graph) of a second call of the same shape."""
+    kw = dict(ratio=[0.0, 1.0, 3.0, -0.5], temperature=[0.5, 1.0, 0.5, 0.7],
+              top_p=[0.8, 0.9, 1.0, 0.5], max_new_tokens=12, return_logprobs=True)
+    ids_with, ids_without = aligner.branches(PROMPTS, PRINCIPLE)
+    assert len({len(r) for r in ids_with}) == len(PROMPTS)
+    want = aligner.generate_ids(ids_with, ids_without, **kw)
+    for _ in range(2):
+        _same(aligner.generate_ids(ids_with, ids_without, fast=True, **kw), want)
+    plain = dict(temperature=0.5, top_p=0.8, max_new_tokens=12, return_logprobs=True)
+    _same(aligner.generate_plain_ids(ids_with, fast=True, **plain),
+          aligner.generate_plain_ids(ids_with, **plain))
+
+
+def test_fast_matches_stacked_sampled(aligner):
+    """Per-row seeds and step offsets are the same, so the same seed samples the same tokens."""
+    kw = dict(greedy=False, temperature=1.0, top_p=0.95, max_new_tokens=12,
+              return_logprobs=True)
+    for seed in (5, [11, 12, 13, 14]):
+        want = aligner.generate(PROMPTS, PRINCIPLE, seed=seed, **kw)
+        _same(aligner.generate(PROMPTS, PRINCIPLE, seed=seed, fast=True, **kw), want)
+    other = aligner.generate(PROMPTS, PRINCIPLE, seed=6, fast=True, **kw)
+    assert other.token_ids != want.token_ids
+    _same(aligner.generate_plain(PROMPTS, seed=3, fast=True, **kw),
+          aligner.generate_plain(PROMPTS, seed=3, **kw))
+
+
+def test_fast_rows_stop_independently(aligner):
+    """A token that some rows produce made the end of sequence: each row stops at its own
+    eos, finished rows emit padding (discarded), the loop ends when all are done."""
+    free = aligner.generate(PROMPTS, PRINCIPLE, max_new_tokens=14)
+    aligner.eos_ids = [free.token_ids[0][3]]
+    for n in (14, 40):
+        want = aligner.generate(PROMPTS, PRINCIPLE, max_new_tokens=n, return_logprobs=True)
+        got = aligner.generate(PROMPTS, PRINCIPLE, max_new_tokens=n, return_logprobs=True,
+                               fast=True)
+        _same(got, want)
+        assert "eos" in got.finish_reasons
+    # every row stops: the loop ends early, at the first check after the last eos
+    aligner.eos_ids = sorted({r[0] for r in free.token_ids})
+    got = aligner.generate(PROMPTS, PRINCIPLE, max_new_tokens=14, fast=True)
+    assert got.finish_reasons == ["eos"] * 4 and all(len(r) == 1 for r in got.token_ids)
+    assert got.steps < 14
+    _same(got, aligner.generate(PROMPTS, PRINCIPLE, max_new_tokens=14), logprobs=False)
+
+
+def test_fast_max_new_tokens_0_and_1(aligner):
+    for n in (0, 1):
+        for kw in (dict(), dict(greedy=False, seed=4)):
+            want = aligner.generate(PROMPTS, PRINCIPLE, max_new_tokens=n,
+                                    return_logprobs=True, **kw)
+            got = aligner.generate(PROMPTS, PRINCIPLE, max_new_tokens=n,
+                                   return_logprobs=True, fast=True, **kw)
+            assert got.steps == n and all(len(r) == n for r in got.token_ids)
+            assert got.token_ids == want.token_ids
+
+
+def test_fast_streams(aligner):
+    rec = Recorder()
+    out = aligner.generate(PROMPTS[:2], PRINCIPLE, max_new_tokens=9, streamer=rec, fast=True)
+    assert rec.ended == 1
+    steps = torch.stack(rec.puts[1:], dim=1)
+    assert steps.shape == (2, out.steps)
+    for i in range(2):
+        assert steps[i, :len(out.token_ids[i])].tolist() == out.token_ids[i]
+    text = aligner.generate(PROMPTS, PRINCIPLE, max_new_tokens=10).texts
+    joined = [""] * len(PROMPTS)
+    for row, piece in aligner.stream(PROMPTS, PRINCIPLE, max_new_tokens=10, fast=True):
+        joined[row] += piece
+    assert joined == text
+
+
+def test_fast_refuses_what_it_cannot_run(aligner):
+    w, wo = aligner.branches(PROMPTS[:2], PRINCIPLE)
+    with pytest.raises(ValueError, match='fast=True runs the stacked loop'):
+        aligner.generate_ids(w, wo, mode="two-caches", fast=True)
+    with pytest.raises(ValueError, match='fast=True runs the stacked loop'):
+        aligner.stream("Q", PRINCIPLE, mode="two-caches", fast=True)
+    with pytest.raises(TypeError, match="fast must be True or False"):
+        aligner.generate_ids(w, wo, fast="yes")
+    aligner._has_cache_kw = False  # a forward without a cache argument
+    with pytest.raises(ValueError, match="takes a KV cache"):
+        aligner.generate_plain_ids(w, fast=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_fast_uses_a_cuda_graph(model):
+    """On a GPU the decode steps after the warm-up are graph replays: one capture per shape,
+    reused by the next call of that shape, and the tokens equal the dynamic-cache loop's."""
+    import warnings
+
+    from linalign.decoder import FAST_WARMUP_STEPS
+
+    aligner = linalign.LinearAligner(model, ByteTokenizer())
+    aligner.eos_ids = []  # every row runs all steps
+    n = 16
+    want = aligner.generate(PROMPTS, PRINCIPLE, max_new_tokens=n, return_logprobs=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture warns: fail here instead
+        got = aligner.generate(PROMPTS, PRINCIPLE, max_new_tokens=n, return_logprobs=True,
+                               fast=True)
+    stats = dict(aligner.fast_stats)
+    assert stats["capture_failures"] == 0, stats
+    assert stats["captures"] == 1, stats
+    assert stats["eager_steps"] == FAST_WARMUP_STEPS, stats
+    assert stats["replays"] == n - 1 - FAST_WARMUP_STEPS, stats
+    _same(got, want)
+    again = aligner.generate(PROMPTS, PRINCIPLE, max_new_tokens=n, return_logprobs=True,
+                             fast=True)
+    assert aligner.fast_stats["captures"] == 1
+    assert aligner.fast_stats["replays"] == stats["replays"] + n - 1
+    _same(again, want)
+    sampled = dict(greedy=False, temperature=1.0, top_p=0.95, seed=9, max_new_tokens=n)
+    assert aligner.generate(PROMPTS, PRINCIPLE, fast=True, **sampled).token_ids == \
+        aligner.generate(PROMPTS, PRINCIPLE, **sampled).token_ids
+    assert aligner.fast_stats["captures"] == 2 and aligner.fast_stats["capture_failures"] == 0
