@@ -14,10 +14,16 @@ Providers, all in linalign's loop (``LinearAligner``), greedy, ratio 3, T 0.5, t
   two-caches  Linear Alignment, two caches and two forwards per step;
   authors     the authors' structure: two caches, two forwards per step, and their
               sort-based step (linalign.authors) instead of linalign.step.
+  plain-fast, stacked-fast
+              plain and stacked with fast=True: a static KV cache and, on CUDA, one decode
+              step replayed as a CUDA graph. Default with --device cuda (--providers to
+              choose; on the CPU there is no graph, only the static cache). Their warm-up
+              runs the measured shape once, so graph capture is not timed.
 Every row generates exactly --new-tokens tokens (end-of-sequence ignored), so all providers
 do the same work. tokens/s = B * new tokens / decode seconds (the prefill forward excluded);
 median over --repeats runs, the providers interleaved so that drift hits all alike. The
-ratios printed are against "plain"; the goal is stacked / plain >= 0.9.
+ratios printed are against "plain" (the fast one against "plain-fast"); the goal is
+stacked / plain >= 0.9.
 
 CPU: the embedded SmolLM2-135M-Instruct (fp32), torch threads fixed (default 1), the chat
 prompts below. GPU (or --model random): Llama-shaped models with random bf16 weights
@@ -53,7 +59,10 @@ PROMPTS = [
 ]
 PRINCIPLE = "Answer like a pirate."
 SETTING = dict(ratio=3.0, temperature=0.5, top_p=0.8, greedy=True)
-PROVIDERS = ("plain", "stacked", "two-caches", "authors")
+PROVIDERS = ("plain", "stacked", "two-caches", "authors", "plain-fast", "stacked-fast")
+SLOW = PROVIDERS[:4]  # the CPU default
+SHORT = {"stacked/plain": "st/pl", "two-caches/plain": "2c/pl", "authors/plain": "au/pl",
+         "stacked-fast/plain-fast": "sf/pf"}  # ratio columns of the printed table
 FIELDS = ["op", "model", "B", "new_tokens", "provider", "tokens_per_s", "spread", "prefill_s",
           "device", "threads", "versions", "date"]
 
@@ -71,39 +80,53 @@ def authors_as_step(logits_p, logits_0, *, ratio, temperature, top_p, greedy, **
 
 def run_provider(aligner, name, ids_with, ids_without, new_tokens):
     aligner._step = authors_as_step if name == "authors" else linalign.step
-    if name == "plain":
+    fast = name.endswith("-fast")
+    if name.startswith("plain"):
         result = aligner.generate_plain_ids(ids_with, max_new_tokens=new_tokens,
                                             temperature=SETTING["temperature"],
-                                            top_p=SETTING["top_p"], greedy=True)
+                                            top_p=SETTING["top_p"], greedy=True, fast=fast)
     else:
-        mode = "stacked" if name == "stacked" else "two-caches"
+        mode = "two-caches" if name in ("two-caches", "authors") else "stacked"
         result = aligner.generate_ids(ids_with, ids_without, max_new_tokens=new_tokens,
-                                      mode=mode, **SETTING)
+                                      mode=mode, fast=fast, **SETTING)
     aligner._step = linalign.step
     assert all(len(r) == new_tokens for r in result.token_ids)
     return result
 
 
-def measure(label, aligner, ids_with, ids_without, new_tokens, repeats, info):
+def ratios(med, providers):
+    """(label, value) of each provider against its baseline: plain, or plain-fast."""
+    out = []
+    for p in providers:
+        base = "plain-fast" if p == "stacked-fast" else "plain"
+        if p not in ("plain", "plain-fast") and base in med:
+            out.append((f"{p}/{base}", med[p] / med[base]))
+    return out
+
+
+def measure(label, aligner, ids_with, ids_without, new_tokens, repeats, info,
+            providers=PROVIDERS):
     B = len(ids_with)
-    for name in PROVIDERS:  # warm-up: allocator, kernels, compiled paths
+    for name in providers:  # warm-up: allocator, kernels, compiled paths
         run_provider(aligner, name, ids_with[:1], ids_without[:1], 2)
-    tps = {p: [] for p in PROVIDERS}
-    prefill = {p: [] for p in PROVIDERS}
+        if name.endswith("-fast"):  # the measured shape: its static cache and CUDA graph
+            run_provider(aligner, name, ids_with, ids_without, new_tokens)
+    tps = {p: [] for p in providers}
+    prefill = {p: [] for p in providers}
     for _ in range(repeats):
-        for name in PROVIDERS:
+        for name in providers:
             res = run_provider(aligner, name, ids_with, ids_without, new_tokens)
             tps[name].append(B * new_tokens / res.decode_seconds)
             prefill[name].append(res.prefill_seconds)
     rows = []
     med = {p: statistics.median(v) for p, v in tps.items()}
-    for name in PROVIDERS:
+    for name in providers:
         spread = max(tps[name]) - min(tps[name])
         rows.append(dict(op="decode", model=label, B=B, new_tokens=new_tokens, provider=name,
                          tokens_per_s=f"{med[name]:.2f}", spread=f"{spread:.2f}",
                          prefill_s=f"{statistics.median(prefill[name]):.4f}", **info))
-    print(f"{label:>10} {B:>3} " + " ".join(f"{med[p]:>11.1f}" for p in PROVIDERS) + "   " +
-          " ".join(f"{med[p] / med['plain']:>6.2f}" for p in PROVIDERS[1:]))
+    print(f"{label:>10} {B:>3} " + " ".join(f"{med[p]:>12.1f}" for p in providers) + "   " +
+          " ".join(f"{r:>6.2f}" for _, r in ratios(med, providers)))
     sys.stdout.flush()
     return rows
 
@@ -191,14 +214,18 @@ def report(csv_path):
     rows = [r for r in every if r["date"] == latest]
     print(f"{rows[0]['device']}, {rows[0]['threads']} thread(s), {rows[0]['versions']}, "
           f"{latest}; tokens/s (median), {rows[0]['new_tokens']} new tokens per row\n")
-    print("| model | B | " + " | ".join(PROVIDERS) + " | stacked / plain | authors / plain |")
-    print("|---" * (4 + len(PROVIDERS)) + "|")
     cells = {}
     for r in rows:
         cells.setdefault((r["model"], int(r["B"])), {})[r["provider"]] = float(r["tokens_per_s"])
+    providers = [p for p in PROVIDERS if any(p in med for med in cells.values())]
+    labels = [lab for lab, _ in ratios({p: 1.0 for p in providers}, providers)]
+    print("| model | B | " + " | ".join(providers) + " | " +
+          " | ".join(lab.replace("/", " / ") for lab in labels) + " |")
+    print("|---" * (2 + len(providers) + len(labels)) + "|")
     for (model, B), med in cells.items():
-        print(f"| {model} | {B} | " + " | ".join(f"{med[p]:.1f}" for p in PROVIDERS) +
-              f" | {med['stacked'] / med['plain']:.2f} | {med['authors'] / med['plain']:.2f} |")
+        print(f"| {model} | {B} | " + " | ".join(f"{med[p]:.1f}" if p in med else "-"
+                                                for p in providers) + " | " +
+              " | ".join(f"{r:.2f}" for _, r in ratios(med, providers)) + " |")
 
 
 def main(argv=None):
@@ -215,6 +242,9 @@ def main(argv=None):
                     "'tiny' for a dry run)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="random models' dtype (default bfloat16 on GPU, float32 on CPU)")
+    ap.add_argument("--providers", default=None, help="comma-separated, from "
+                    f"{','.join(PROVIDERS)} (default: all with --device cuda, the first four "
+                    "on the CPU)")
     ap.add_argument("--quick", action="store_true", help="B = 1, 16 tokens, one repeat")
     ap.add_argument("--out", default=None, help="CSV to append to (default: "
                     "benchmarks/results/decode_<device>.csv)")
@@ -234,13 +264,22 @@ def main(argv=None):
         args.batch, args.new_tokens, repeats = [1], 16, 1
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    providers = tuple(args.providers.split(",")) if args.providers else \
+        (PROVIDERS if device.type == "cuda" else SLOW)
+    unknown = set(providers) - set(PROVIDERS)
+    if unknown or "plain" not in providers:
+        ap.error(f"--providers: unknown {sorted(unknown)}" if unknown else
+                 "--providers must include plain (the baseline)")
+    if "stacked-fast" in providers and "plain-fast" not in providers:
+        ap.error("--providers: stacked-fast needs plain-fast (its baseline)")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     info = dict(device=device_name(device), threads=args.threads, versions=versions(),
                 date=stamp)
     print(f"# {info['device']}, {args.threads} torch thread(s), {info['versions']}")
     print(f"# tokens/s, median of {repeats}, {args.new_tokens} new tokens per row")
-    print(f"{'model':>10} {'B':>3} " + " ".join(f"{p:>11}" for p in PROVIDERS) +
-          "   " + " ".join(f"{p[:6]:>6}" for p in PROVIDERS[1:]) + "  (/ plain)")
+    print(f"{'model':>10} {'B':>3} " + " ".join(f"{p:>12}" for p in providers) + "   " +
+          " ".join(f"{SHORT[lab]:>6}" for lab, _ in
+                   ratios({p: 1.0 for p in providers}, providers)))
     args.model = args.model or ("smollm2" if device.type == "cpu" else "random")
     args.dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
     cases = smollm2_cases(args) if args.model == "smollm2" else random_cases(args)
@@ -254,7 +293,7 @@ def main(argv=None):
             w.writeheader()
         for label, aligner, ids_with, ids_without in cases:
             rows = measure(label, aligner, ids_with, ids_without, args.new_tokens, repeats,
-                           info)
+                           info, providers)
             w.writerows(rows)
             f.flush()
             n += len(rows)
