@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The GPU run: install without network, run the test suite on CUDA (compiled kernels, the
 # decoding loop on the GPU), benchmark decoding (random-weight Llama 1B and 8B shapes, bf16)
-# and the step. Every stage runs even if an earlier one failed, each under a time cap; exit
-# codes are in OUTDIR/status.txt (124: the cap was hit). The caps add up to under 10
-# minutes; on an H100 on 2026-11-26 the stages took about 2.3, 2.5 and 0.7 minutes. Usage (on
-# the GPU machine, from the repository root):
+# and the step (bench_step.py --grid: B x V x bf16/fp32 x greedy/sample, triton against the
+# authors' step, the compiled reference and the torch path, OUTDIR/step_cuda.csv), plot it
+# (OUTDIR/step_cuda.png) and print its summary table last (triton against the bandwidth
+# floor and the baselines). Every stage runs even if an earlier one failed, each under a
+# time cap; exit codes are in OUTDIR/status.txt (124: the cap was hit). On an H100 on
+# 2026-11-26 the tests and decode stages took about 2.3 and 2.5 minutes; the step grid stops
+# starting new cells after 130 s (--time-limit) and the whole suite is meant to finish
+# within 8 minutes. Usage (on the GPU machine, from the repository root):
 #     bash benchmarks/gpu_suite.sh OUTDIR
 # The GPU machine has no gguf and no model wheel, so tests/test_models.py (the embedded
 # SmolLM2) runs on CPU machines only.
@@ -31,5 +35,10 @@ stage install 40 bash -c install
 stage tests 170 python -m pytest -q --maxfail=3 tests/ --ignore=tests/test_models.py
 stage decode 220 python benchmarks/bench_decode.py --device cuda --repeats 3 \
     --out "$out/decode_cuda.csv"
-stage step_bf16 140 python benchmarks/bench_step.py --dtype bfloat16 --out "$out/step_cuda.csv"
+stage step 160 python benchmarks/bench_step.py --grid --dtypes bfloat16,float32 \
+    --time-limit 130 --out "$out/step_cuda.csv"
+stage plot 60 python benchmarks/plot_step.py "$out/step_cuda.csv" "$out/step_cuda.png"
+stage summary 20 python benchmarks/bench_step.py --summary "$out/step_cuda.csv"
 cat "$out/status.txt"
+echo "== step summary ($out/summary.log)"
+cat "$out/summary.log"
