@@ -1,38 +1,48 @@
-"""One fused Triton kernel for a Linear Alignment decoding step (SPEC sections 1 and 2).
+"""Fused Triton kernels for a Linear Alignment decoding step (SPEC sections 1 and 2).
 
-One program handles one batch row and streams over the vocabulary in blocks of ``BLOCK``
-logits. Everything is fp32 after the load. The passes over a row are:
+All arithmetic is fp32 after the load. A row's work is:
 
 1. **Statistics** (reads both branches once): the running max ``m`` and the rescaled sum
    ``Z = sum exp((z_p - m) / T)`` of the principle branch (online softmax, Milakov and
-   Gimelshein 2018: when the running max grows, the running sum is multiplied by
-   ``exp((m_old - m_new) / T)``), and the bad-input flag (NaN or ``+inf`` in either branch).
-2. **Nucleus threshold, sort-free** (reads the principle branch only, typically 3 to 6
-   times, at most about 12): the nucleus is ``N = {i : key(z_p[i]) >= tau}`` where ``key``
-   is the order-preserving int32 image of an fp32 logit and ``tau`` is the smallest row key
-   whose mass-above ``F(tau) = sum_{key_j > tau} exp((z_p[j] - m) / T)`` is below
-   ``top_p * Z``. Each pass evaluates ``NPIV`` pivots at once (a multi-way bisection, in
-   the spirit of the pivot searches of FlashInfer's sampling kernels): for every pivot the
-   mass above it, the largest row key at or below it and the smallest row key above it.
-   Half the pivots are spread evenly in value (fast on real rows), half evenly in key space
-   (bounds the worst case: each pass shrinks the key range 8-fold, 32 bits in at most 11
-   passes); the bracket ``[smin, smax]`` then snaps to real row keys, so it closes as soon
-   as one distinct value is left. Exact: comparisons are on the logits themselves, so ties
-   are kept together and only the fp32 mass sums round. Pass 2 is skipped when
-   ``top_p >= 1`` or ``T == 0``.
-3. **Aligned scores** (reads ``z_p``; ``z_0`` only where the row is in the nucleus):
-   ``a = z_p + r (z_p - z_0)`` on ``N`` minus the tokens banned (``-inf``) in either branch;
-   the running max, first argmax and rescaled sum of ``exp((a - max a) / T)``; the same for
-   the plain principle branch in case banning empties ``N`` (then ``r`` is taken as 0).
-4. **Inverse-CDF draw** (sampling only; same reads as 3): one uniform ``u`` per row from
-   Triton's Philox stream keyed by (seed, row, offset) or given by the caller; the token is
-   the first index whose running (``tl.cumsum``) mass exceeds ``u * S``.
+   Gimelshein 2018), and the bad-input flag (NaN or ``+inf`` in either branch). Each lane
+   of a block keeps its own running max and sum; lanes are combined once at the end, so the
+   loop has no block-wide reduction.
+2. **Nucleus threshold, sort-free**: ``N = {i : key(z_p[i]) >= tau}`` where ``key`` is the
+   order-preserving int32 image of an fp32 logit and ``tau`` is the smallest row key whose
+   mass-above ``M(tau) = sum_{key_j > tau} exp((z_p[j] - m) / T)`` is below ``top_p * Z``.
+   A bracket ``(lo, hi]`` of keys holds ``tau``: ``lo`` is out (or is the gap rule's cut),
+   ``hi`` is in. Each pass evaluates ``K`` pivots at once (the two ends, half the rest
+   spread evenly in key space, which bounds the worst case, half evenly in value, which is
+   fast on real rows): for each, the mass above it and the number of row keys above it.
+   Passes stop as soon as the bracket holds at most ``CMAX`` row keys (or one key value).
+   Then a **compaction** pass copies, in vocabulary order, the keys above ``lo`` (when
+   there are at most ``CMAX`` of them: the usual case, a peaked row whose nucleus is small)
+   or else the keys in the bracket into a small per-row buffer, and ``tau`` is resolved
+   exactly from the buffer. Comparisons are on the logits themselves, so ties are kept
+   together; only the fp32 mass sums round.
+3. **Aligned scores and the draw.** With the whole nucleus in the buffer, the without-branch
+   logits are gathered only at the nucleus tokens, and the aligned scores
+   ``a = z_p + r (z_p - z_0)``, their max, first argmax, softmax sum and the inverse-CDF
+   draw (vocabulary order) are computed on at most ``CMAX`` values. Otherwise (a nucleus of
+   more than ``CMAX`` tokens: a flat row) the same quantities stream over the row with
+   per-lane accumulators, ``z_0`` read only where a token is in ``N``, and the draw scans
+   blocks until the running mass passes ``u * S``. Banning (``-inf`` in either branch) that
+   empties ``N`` falls back to plain top-p decoding of the principle branch (``r = 0``).
 
-Why this shape: passes 1, 3 and 4 are streaming reductions whose partial results (max,
-rescaled sums, first argmax, per-partition masses for the inverse CDF) combine across
-programs, and every pivot statistic of pass 2 is a sum, min or max, so a later change can
-split a row over several programs at small batch with a tiny second reduction per pass.
-The result does not depend on ``BLOCK`` beyond fp32 rounding of the sums.
+Two ways to run it:
+
+- **fused** (``la_step_kernel`` with ``SPLIT=False``): one program per row does everything
+  in one launch. Best when the batch fills the GPU.
+- **split** (small batches): each row is cut into ``S`` chunks and the streaming passes run
+  as separate launches over a ``(B, S)`` grid: ``la_stats_kernel`` (pass 1), then
+  ``PASSES`` launches of ``la_pivot_kernel`` (each reduces the previous pass's per-chunk
+  partial sums, a tiny second reduction, and computes its own), ``la_compact_kernel``
+  (each chunk writes its bracket keys at an offset given by the per-chunk counts), and
+  ``la_step_kernel`` with ``SPLIT=True`` (one program per row; it finishes a search that
+  the split passes did not close, on the whole row). Every cross-chunk reduction is a sum,
+  max or min over the chunks in a fixed order, so results are deterministic.
+
+Results do not depend on the block sizes or on the split beyond fp32 rounding of the sums.
 """
 import os
 
@@ -40,10 +50,10 @@ import triton
 import triton.language as tl
 
 # Under Triton's interpreter every call of a nested @triton.jit function re-patches the
-# language module (about 1 ms each, half the run time of a small row), while a plain Python
-# helper runs with the caller's patched module and gives the same result. Compiled, the
-# helpers are ordinary @triton.jit functions.
-_helper = (lambda fn: fn) if os.environ.get("TRITON_INTERPRET", "0") == "1" else triton.jit
+# language module (about 1 ms each), while a plain Python helper runs with the caller's
+# patched module and gives the same result. Compiled, the helpers are @triton.jit functions.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_helper = (lambda fn: fn) if INTERPRETED else triton.jit
 
 # Largest finite fp32: aligned scores are clamped to +-FMAX so that hostile but finite
 # inputs (+-1e30 with a large ratio) never produce inf - inf = NaN.
@@ -53,8 +63,20 @@ GAP = tl.constexpr(80.0)
 # "No key" markers for the int32 order keys (no finite or -inf value maps to either).
 NONE_LO = tl.constexpr(-(2**31))
 NONE_HI = tl.constexpr(2**31 - 1)
+# key(-inf): keys at or below it are never candidates.
+KEY_NEGINF = tl.constexpr(-2139095041)
+NO_IDX = tl.constexpr(2**30)
+# Per-row int32 state slots of the split path (two copies, by pass parity).
+ST_LO = tl.constexpr(0)
+ST_HI = tl.constexpr(1)
+ST_CLO = tl.constexpr(2)
+ST_CHI = tl.constexpr(3)
+ST_RAN = tl.constexpr(4)
+ST_SRC = tl.constexpr(5)
+ST_SIZE = tl.constexpr(8)
 
 
+# ---------------------------------------------------------------------------- helpers
 @_helper
 def _sanitize(x):
     # NaN and +inf are bad input: the row is flagged, and the value is treated as -inf
@@ -80,16 +102,10 @@ def _unkey(k):
 
 
 @_helper
-def _load_nucleus(rowp, row0, offs, V, tau):
-    # One block of a row on the nucleus: the principle logits x (the whole block, to test
-    # membership key(x) >= tau), and the without-branch y, read only where the token is in N.
-    msk = offs < V
+def _load_row(rowp, offs, msk):
     x = tl.load(rowp + offs, mask=msk, other=float("-inf")).to(tl.float32)
     x, _ = _sanitize(x)
-    in_n = msk & (_key(x) >= tau) & (x > float("-inf"))
-    y = tl.load(row0 + offs, mask=in_n, other=float("-inf")).to(tl.float32)
-    y, _ = _sanitize(y)
-    return x, y, in_n
+    return x
 
 
 @_helper
@@ -99,142 +115,489 @@ def _aligned(x, y, r):
     return tl.minimum(tl.maximum(x + r * d, -FMAX), FMAX)
 
 
+@_helper
+def _row_param(ptr, val, row, PER_ROW: tl.constexpr):
+    if PER_ROW:
+        v = tl.load(ptr + row).to(tl.float32)
+    else:
+        v = tl.full((), val, tl.float32)
+    return v
+
+
+@_helper
+def _temperature(T):
+    # T == 0 is greedy (the limit T -> 0): N collapses onto the principle argmax; sums
+    # computed with T = 1 for such rows are never used.
+    is_t0 = T == 0.0
+    return is_t0, 1.0 / tl.where(is_t0, 1.0, T)
+
+
+@_helper
+def _stats(rowp, row0, lo_i, hi_i, inv_t, BLOCK: tl.constexpr):
+    """Pass 1 over [lo_i, hi_i): (max, sum exp((x - max) / T), bad) of the principle branch,
+    bad also covering the without-branch. Per-lane online softmax, one combine at the end."""
+    cols = tl.arange(0, BLOCK)
+    m_l = tl.full((BLOCK,), float("-inf"), tl.float32)
+    s_l = tl.zeros((BLOCK,), tl.float32)
+    bad_l = tl.zeros((BLOCK,), tl.int32)
+    for start in range(lo_i, hi_i, BLOCK):
+        offs = start + cols
+        msk = offs < hi_i
+        x = tl.load(rowp + offs, mask=msk, other=float("-inf")).to(tl.float32)
+        y = tl.load(row0 + offs, mask=msk, other=float("-inf")).to(tl.float32)
+        x, bx = _sanitize(x)
+        _, by = _sanitize(y)
+        bad_l = bad_l | (bx | by).to(tl.int32)
+        m_new = tl.maximum(m_l, x)
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoid -inf - -inf
+        s_l = s_l * tl.exp((m_l - ref) * inv_t) + tl.exp((x - ref) * inv_t)
+        m_l = m_new
+    m = tl.max(m_l, axis=0)
+    ref = tl.where(m == float("-inf"), 0.0, m)
+    zsum = tl.sum(s_l * tl.exp((m_l - ref) * inv_t), axis=0)
+    return m, zsum, tl.max(bad_l, axis=0)
+
+
+@_helper
+def _search_init(m, T, top_p, is_t0):
+    """The gap rule's cut, the first bracket (lo, hi] and whether a search is needed."""
+    empty = m == float("-inf")  # no finite principle logit: nothing can be chosen
+    cut = m - GAP * tl.where(is_t0, 0.0, T)  # in fp32, like every backend
+    lo = tl.maximum(_key(cut) - 1, KEY_NEGINF)
+    hi = _key(m)
+    # top_p >= 1 keeps every token that passes the gap rule (N = keys >= key(cut)).
+    need = (top_p < 1.0) & ~empty & ~is_t0 & (hi.to(tl.int64) - lo.to(tl.int64) > 1)
+    return cut, lo, hi, need, empty
+
+
+@_helper
+def _pivots(lo, hi, K: tl.constexpr):
+    """K pivots in the bracket: lo, K - 2 interior ones (half spread in key space, half in
+    value), hi. Needs hi - lo >= 2."""
+    H: tl.constexpr = (K - 2) // 2
+    kk = tl.arange(0, K)
+    d = hi.to(tl.int64) - lo.to(tl.int64)
+    by_key = (lo.to(tl.int64) + (d * kk) // (H + 1)).to(tl.int32)
+    vlo = _unkey(lo)
+    vhi = _unkey(hi)
+    frac = (kk - H).to(tl.float32) / (K - 1 - H)
+    by_val = _key(vlo + (vhi - vlo) * frac)
+    piv = tl.where(kk <= H, by_key, by_val)
+    piv = tl.minimum(tl.maximum(piv, lo + 1), hi - 1)  # any interior pivot is valid
+    return tl.where(kk == 0, lo, tl.where(kk == K - 1, hi, piv))
+
+
+@_helper
+def _pivot_sums(rowp, lo_i, hi_i, piv, m, inv_t, BLOCK: tl.constexpr, K: tl.constexpr):
+    """For every pivot: mass and number of row keys above it, over [lo_i, hi_i)."""
+    cols = tl.arange(0, BLOCK)
+    mass = tl.zeros((BLOCK, K), tl.float32)
+    cnt = tl.zeros((BLOCK, K), tl.int32)
+    for start in range(lo_i, hi_i, BLOCK):
+        offs = start + cols
+        x = _load_row(rowp, offs, offs < hi_i)
+        e = tl.exp((x - m) * inv_t)
+        above = _key(x)[:, None] > piv[None, :]
+        mass += tl.where(above, e[:, None], 0.0)
+        cnt += above.to(tl.int32)
+    return tl.sum(mass, axis=0), tl.sum(cnt, axis=0)
+
+
+@_helper
+def _bracket(piv, mass, cnt, thr, K: tl.constexpr):
+    """The new bracket from one pass: (lo, hi, mass above hi, count above lo, count above hi).
+    piv[0] (the old lo) is out and piv[K - 1] (the old hi) is in by construction; mass is
+    monotone in the pivot (fp32 sums of non-negative terms), so lo < hi."""
+    kk = tl.arange(0, K)
+    keep = ((mass < thr) & (kk > 0)) | (kk == K - 1)
+    lo = tl.max(tl.where(keep, NONE_LO, piv), axis=0)
+    hi = tl.min(tl.where(keep, piv, NONE_HI), axis=0)
+    m_hi = tl.max(tl.where(keep & (piv == hi), mass, -1.0), axis=0)
+    c_lo = tl.max(tl.where(~keep & (piv == lo), cnt, -1), axis=0)
+    c_hi = tl.max(tl.where(keep & (piv == hi), cnt, -1), axis=0)
+    return lo, hi, m_hi, c_lo, c_hi
+
+
+@_helper
+def _open(lo, hi, cnt_in, CMAX: tl.constexpr):
+    # The search goes on while the bracket holds more than CMAX keys of more than one value.
+    return (cnt_in > CMAX) & (hi.to(tl.int64) - lo.to(tl.int64) > 1)
+
+
+@_helper
+def _compact(rowp, lo_i, hi_i, lo, top, hi, base, cidx, cval, CMAX: tl.constexpr,
+             BLOCK: tl.constexpr):
+    """Copy (index, logit) of the row keys in (lo, top] within [lo_i, hi_i) to the buffer,
+    in vocabulary order from slot ``base``; return the smallest row key above ``hi``."""
+    cols = tl.arange(0, BLOCK)
+    pos = base
+    gmin = tl.full((BLOCK,), NONE_HI, tl.int32)
+    for start in range(lo_i, hi_i, BLOCK):
+        offs = start + cols
+        msk = offs < hi_i
+        x = _load_row(rowp, offs, msk)
+        k = _key(x)
+        sel = msk & (k > lo) & (k <= top)
+        c = tl.cumsum(sel.to(tl.int32), axis=0)
+        dest = pos + c - 1
+        ok = sel & (dest < CMAX)
+        tl.store(cidx + dest, offs, mask=ok)
+        tl.store(cval + dest, x, mask=ok)
+        pos += tl.sum(sel.to(tl.int32), axis=0)
+        gmin = tl.minimum(gmin, tl.where(msk & (k > hi), k, NONE_HI))
+    return tl.min(gmin, axis=0)
+
+
+@_helper
+def _resolve_tau(cval, n, base_mass, thr, m, inv_t, gt_hi, CMAX: tl.constexpr,
+                 JB: tl.constexpr):
+    """tau from the buffer's n keys: the smallest with M(key) = base_mass + mass of the
+    buffer keys above it < thr; if none, gt_hi (the smallest row key above the bracket)."""
+    j = tl.arange(0, CMAX)
+    valid = j < n
+    x = tl.load(cval + j, mask=valid, other=float("-inf"))
+    k = _key(x)
+    e = tl.where(valid, tl.exp((x - m) * inv_t), 0.0)
+    tau = tl.full((), NONE_HI, tl.int32)
+    for j0 in range(0, n, JB):
+        jj = j0 + tl.arange(0, JB)
+        vj = jj < n
+        kj = _key(tl.load(cval + jj, mask=vj, other=float("-inf")))
+        mj = base_mass + tl.sum(tl.where(k[None, :] > kj[:, None], e[None, :], 0.0), axis=1)
+        tau = tl.minimum(tau, tl.min(tl.where(vj & (mj < thr), kj, NONE_HI), axis=0))
+    return tl.where(tau == NONE_HI, gt_hi, tau)
+
+
+@_helper
+def _finish_buffer(cidx, cval, n, row0, tau, m, r, inv_t, u, GREEDY: tl.constexpr,
+                   CMAX: tl.constexpr):
+    """Scores and draw on the buffer (it holds every nucleus token, in vocabulary order)."""
+    j = tl.arange(0, CMAX)
+    valid = j < n
+    idx = tl.load(cidx + j, mask=valid, other=0)
+    x = tl.load(cval + j, mask=valid, other=float("-inf"))
+    in_n = valid & (_key(x) >= tau) & (x > float("-inf"))
+    y = tl.load(row0 + idx, mask=in_n, other=float("-inf")).to(tl.float32)
+    y, _ = _sanitize(y)
+    ok = in_n & (y > float("-inf"))
+    a = tl.where(ok, _aligned(x, y, r), float("-inf"))
+    n_in = tl.sum(in_n.to(tl.int32), axis=0)
+    a_max = tl.max(a, axis=0)
+    fallback = (a_max == float("-inf")) & (n_in > 0)  # banning emptied N: r taken as 0
+    s = tl.where(fallback, tl.where(in_n, x, float("-inf")), a)
+    s_max = tl.where(fallback, m, a_max)
+    ref = tl.where(s_max == float("-inf"), 0.0, s_max)
+    w = tl.exp((s - ref) * inv_t)
+    s_sum = tl.sum(w, axis=0)
+    first = tl.min(tl.where((s == s_max) & (s > float("-inf")), j, NO_IDX), axis=0)
+    if GREEDY:
+        pick = first
+    else:
+        cum = tl.cumsum(w, axis=0)
+        hit = tl.min(tl.where((cum > u * s_sum) & (w > 0.0), j, NO_IDX), axis=0)
+        last = tl.max(tl.where(w > 0.0, j, -1), axis=0)
+        # Rounding can leave u * S just above the final running sum: take the last token.
+        pick = tl.where(hit < NO_IDX, hit, last)
+    token = tl.max(tl.where(j == pick, idx, -1), axis=0)
+    s_tok = tl.max(tl.where(j == pick, s, float("-inf")), axis=0)
+    return token, s_tok, s_max, s_sum, n_in, fallback
+
+
+@_helper
+def _finish_stream(rowp, row0, V, tau, m, r, inv_t, u, is_t0, GREEDY: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """Scores and draw streaming over the whole row (a nucleus too large for the buffer)."""
+    cols = tl.arange(0, BLOCK)
+    a_max_l = tl.full((BLOCK,), float("-inf"), tl.float32)
+    a_sum_l = tl.zeros((BLOCK,), tl.float32)
+    a_arg_l = tl.full((BLOCK,), NO_IDX, tl.int32)
+    p_sum_l = tl.zeros((BLOCK,), tl.float32)
+    p_arg_l = tl.full((BLOCK,), NO_IDX, tl.int32)
+    n_l = tl.zeros((BLOCK,), tl.int32)
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        msk = offs < V
+        x = _load_row(rowp, offs, msk)
+        in_n = msk & (_key(x) >= tau) & (x > float("-inf"))
+        y = _load_row(row0, offs, in_n)  # the without-branch only on the nucleus
+        ok = in_n & (y > float("-inf"))
+        a = tl.where(ok, _aligned(x, y, r), float("-inf"))
+        n_l += in_n.to(tl.int32)
+        a_arg_l = tl.where(a > a_max_l, offs, a_arg_l)  # strict: the lane's first max
+        new = tl.maximum(a_max_l, a)
+        ref = tl.where(new == float("-inf"), 0.0, new)
+        a_sum_l = a_sum_l * tl.exp((a_max_l - ref) * inv_t) + tl.exp((a - ref) * inv_t)
+        a_max_l = new
+        p_sum_l += tl.where(in_n, tl.exp((x - m) * inv_t), 0.0)
+        p_arg_l = tl.minimum(p_arg_l, tl.where(in_n & (x == m), offs, NO_IDX))
+    n_in = tl.sum(n_l, axis=0)
+    a_max = tl.max(a_max_l, axis=0)
+    ref = tl.where(a_max == float("-inf"), 0.0, a_max)
+    a_sum = tl.sum(a_sum_l * tl.exp((a_max_l - ref) * inv_t), axis=0)
+    a_arg = tl.min(tl.where(a_max_l == a_max, a_arg_l, NO_IDX), axis=0)
+    fallback = (a_max == float("-inf")) & (n_in > 0)
+    r_eff = tl.where(fallback, 0.0, r)
+    s_max = tl.where(fallback, m, a_max)
+    s_sum = tl.where(fallback, tl.sum(p_sum_l, axis=0), a_sum)
+    token = tl.where(fallback, tl.min(p_arg_l, axis=0), a_arg)
+    s_tok = s_max
+    if not GREEDY:
+        # Inverse CDF in vocabulary order; blocks are scanned until the draw is found.
+        target = u * s_sum
+        carry = tl.zeros((), tl.float32)
+        pick = tl.full((), NO_IDX, tl.int32)
+        pick_s = tl.full((), float("-inf"), tl.float32)
+        start = tl.zeros((), tl.int32)
+        while (start < V) & (pick == NO_IDX):
+            offs = start + cols
+            msk = offs < V
+            x = _load_row(rowp, offs, msk)
+            in_n = msk & (_key(x) >= tau) & (x > float("-inf"))
+            y = _load_row(row0, offs, in_n)
+            ok = tl.where(fallback, in_n, in_n & (y > float("-inf")))
+            s = tl.where(ok, _aligned(x, y, r_eff), float("-inf"))
+            w = tl.exp((s - s_max) * inv_t)
+            cum = carry + tl.cumsum(w, axis=0)
+            hit = tl.min(tl.where((cum > target) & (w > 0.0), offs, NO_IDX), axis=0)
+            pick_s = tl.max(tl.where(offs == hit, s, float("-inf")), axis=0)
+            pick = hit
+            carry += tl.sum(w, axis=0)
+            start += BLOCK
+        if pick == NO_IDX:
+            # Rounding left u * S above the final running sum: take the last token.
+            last_l = tl.full((BLOCK,), -1, tl.int32)
+            last_s_l = tl.full((BLOCK,), float("-inf"), tl.float32)
+            for start2 in range(0, V, BLOCK):
+                offs = start2 + cols
+                msk = offs < V
+                x = _load_row(rowp, offs, msk)
+                in_n = msk & (_key(x) >= tau) & (x > float("-inf"))
+                y = _load_row(row0, offs, in_n)
+                ok = tl.where(fallback, in_n, in_n & (y > float("-inf")))
+                s = tl.where(ok, _aligned(x, y, r_eff), float("-inf"))
+                live = tl.exp((s - s_max) * inv_t) > 0.0
+                last_s_l = tl.where(live, s, last_s_l)
+                last_l = tl.where(live, offs, last_l)
+            pick = tl.max(last_l, axis=0)
+            pick_s = tl.max(tl.where(last_l == pick, last_s_l, float("-inf")), axis=0)
+        # T == 0 rows in a sampled batch are greedy: keep the first max.
+        token = tl.where(is_t0, token, pick)
+        s_tok = tl.where(is_t0, s_tok, pick_s)
+    return token, s_tok, s_max, s_sum, n_in, fallback
+
+
+@_helper
+def _split_state(ws_f, ws_i, row, p, S, thr, WF, WI, K: tl.constexpr, SP: tl.constexpr):
+    """Split path: the bracket after pass p - 1 (p >= 1), from the state that pass stored
+    and, if it ran, its per-chunk partial sums. Returns (lo, hi, m_hi, c_lo, c_hi, src)."""
+    q = (p - 1) % 2
+    wi = ws_i + row.to(tl.int64) * WI
+    wf = ws_f + row.to(tl.int64) * WF
+    st = wi + S + 2 * S * K + 2 * K + q * ST_SIZE
+    lo = tl.load(st + ST_LO)
+    hi = tl.load(st + ST_HI)
+    c_lo = tl.load(st + ST_CLO)
+    c_hi = tl.load(st + ST_CHI)
+    src = tl.load(st + ST_SRC)
+    m_hi = tl.load(wf + 2 * S + 2 * S * K + q)
+    if tl.load(st + ST_RAN) != 0:
+        ss = tl.arange(0, SP)
+        kk = tl.arange(0, K)
+        at = q * S * K + ss[:, None] * K + kk[None, :]
+        live = ss[:, None] < S
+        mass = tl.sum(tl.load(wf + 2 * S + at, mask=live, other=0.0), axis=0)
+        cnt = tl.sum(tl.load(wi + S + at, mask=live, other=0), axis=0)
+        piv = tl.load(wi + S + 2 * S * K + q * K + kk)
+        lo, hi, m_hi, c_lo, c_hi = _bracket(piv, mass, cnt, thr, K)
+        src = q
+    return lo, hi, m_hi, c_lo, c_hi, src
+
+
+@_helper
+def _split_stats(ws_f, ws_i, row, S, inv_t, WF, WI, SP: tl.constexpr):
+    ss = tl.arange(0, SP)
+    live = ss < S
+    wf = ws_f + row.to(tl.int64) * WF
+    m_s = tl.load(wf + ss, mask=live, other=float("-inf"))
+    z_s = tl.load(wf + S + ss, mask=live, other=0.0)
+    bad = tl.max(tl.load(ws_i + row.to(tl.int64) * WI + ss, mask=live, other=0), axis=0)
+    m = tl.max(m_s, axis=0)
+    ref = tl.where(m == float("-inf"), 0.0, m)
+    zsum = tl.sum(tl.where(m_s > float("-inf"), z_s * tl.exp((m_s - ref) * inv_t), 0.0), axis=0)
+    return m, zsum, bad
+
+
+@_helper
+def _chunk(V, CHUNK):
+    s = tl.program_id(1)
+    lo_i = s * CHUNK
+    return s, lo_i, tl.minimum(lo_i + CHUNK, V)
+
+
+# ---------------------------------------------------------------------------- kernels
+@triton.jit
+def la_stats_kernel(zp_ptr, z0_ptr, stride_p, stride_0, t_ptr, t_val, ws_f, ws_i,
+                    V, S, CHUNK, WF, WI, T_PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    # Split pass 1: per-chunk (max, rescaled sum, bad) -> workspace.
+    row = tl.program_id(0)
+    s, lo_i, hi_i = _chunk(V, CHUNK)
+    _, inv_t = _temperature(_row_param(t_ptr, t_val, row, T_PER_ROW))
+    m, zsum, bad = _stats(zp_ptr + row.to(tl.int64) * stride_p, z0_ptr + row.to(tl.int64) * stride_0,
+                          lo_i, hi_i, inv_t, BLOCK)
+    wf = ws_f + row.to(tl.int64) * WF
+    tl.store(wf + s, m)
+    tl.store(wf + S + s, zsum)
+    tl.store(ws_i + row.to(tl.int64) * WI + s, bad)
+
+
+@triton.jit(do_not_specialize=["PASS"])
+def la_pivot_kernel(zp_ptr, stride_p, t_ptr, t_val, p_ptr, p_val, ws_f, ws_i,
+                    V, S, CHUNK, WF, WI, PASS,
+                    T_PER_ROW: tl.constexpr, P_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
+                    K: tl.constexpr, CMAX: tl.constexpr, SP: tl.constexpr):
+    # Split pass 2, round PASS: reduce the previous round, store the bracket state, and if
+    # the bracket is still open, this chunk's pivot sums.
+    row = tl.program_id(0)
+    s, lo_i, hi_i = _chunk(V, CHUNK)
+    T = _row_param(t_ptr, t_val, row, T_PER_ROW)
+    top_p = _row_param(p_ptr, p_val, row, P_PER_ROW)
+    is_t0, inv_t = _temperature(T)
+    m, zsum, bad = _split_stats(ws_f, ws_i, row, S, inv_t, WF, WI, SP)
+    thr = top_p * zsum
+    cut, lo, hi, need, empty = _search_init(m, T, top_p, is_t0)
+    m_hi = tl.zeros((), tl.float32)
+    c_lo = tl.full((), CMAX + 1, tl.int32)
+    c_hi = tl.zeros((), tl.int32)
+    src = tl.full((), -1, tl.int32)
+    if PASS > 0:
+        lo, hi, m_hi, c_lo, c_hi, src = _split_state(ws_f, ws_i, row, PASS, S, thr, WF, WI, K, SP)
+    go = need & _open(lo, hi, c_lo - c_hi, CMAX)
+    par = PASS % 2
+    wi = ws_i + row.to(tl.int64) * WI
+    wf = ws_f + row.to(tl.int64) * WF
+    # Every chunk of the row stores the same values here (a benign race).
+    st = wi + S + 2 * S * K + 2 * K + par * ST_SIZE
+    tl.store(st + ST_LO, lo)
+    tl.store(st + ST_HI, hi)
+    tl.store(st + ST_CLO, c_lo)
+    tl.store(st + ST_CHI, c_hi)
+    tl.store(st + ST_RAN, go.to(tl.int32))
+    tl.store(st + ST_SRC, src)
+    tl.store(wf + 2 * S + 2 * S * K + par, m_hi)
+    if go:
+        piv = _pivots(lo, hi, K)
+        kk = tl.arange(0, K)
+        tl.store(wi + S + 2 * S * K + par * K + kk, piv)
+        mass, cnt = _pivot_sums(zp_ptr + row.to(tl.int64) * stride_p, lo_i, hi_i, piv, m,
+                                inv_t, BLOCK, K)
+        at = par * S * K + s * K + kk
+        tl.store(wf + 2 * S + at, mass)
+        tl.store(wi + S + at, cnt)
+
+
+@triton.jit
+def la_compact_kernel(zp_ptr, stride_p, t_ptr, t_val, p_ptr, p_val, ws_f, ws_i, cidx_ptr,
+                      cval_ptr, V, S, CHUNK, WF, WI, PASSES,
+                      T_PER_ROW: tl.constexpr, P_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
+                      K: tl.constexpr, CMAX: tl.constexpr, SP: tl.constexpr):
+    # Split compaction: when the split rounds closed the bracket, each chunk copies its keys
+    # at an offset given by the chunks before it, and the smallest key above the bracket.
+    row = tl.program_id(0)
+    s, lo_i, hi_i = _chunk(V, CHUNK)
+    T = _row_param(t_ptr, t_val, row, T_PER_ROW)
+    top_p = _row_param(p_ptr, p_val, row, P_PER_ROW)
+    is_t0, inv_t = _temperature(T)
+    m, zsum, bad = _split_stats(ws_f, ws_i, row, S, inv_t, WF, WI, SP)
+    thr = top_p * zsum
+    cut, lo0, hi0, need, empty = _search_init(m, T, top_p, is_t0)
+    lo, hi, m_hi, c_lo, c_hi, src = _split_state(ws_f, ws_i, row, PASSES, S, thr, WF, WI, K, SP)
+    if need & ~_open(lo, hi, c_lo - c_hi, CMAX) & (src >= 0):
+        wi = ws_i + row.to(tl.int64) * WI
+        kk = tl.arange(0, K)
+        piv = tl.load(wi + S + 2 * S * K + src * K + kk)
+        ss = tl.arange(0, SP)
+        cnt = tl.load(wi + S + src * S * K + ss[:, None] * K + kk[None, :],
+                      mask=ss[:, None] < S, other=0)
+        n_lo = tl.max(tl.where((piv == lo)[None, :], cnt, -1), axis=1)  # [SP]
+        n_hi = tl.max(tl.where((piv == hi)[None, :], cnt, -1), axis=1)
+        whole = c_lo <= CMAX  # every key above lo fits: copy them all
+        n_s = tl.where(whole, n_lo, n_lo - n_hi)
+        base = tl.sum(tl.where(ss < s, n_s, 0), axis=0)
+        top = tl.where(whole, NONE_HI, hi)
+        gmin = _compact(zp_ptr + row.to(tl.int64) * stride_p, lo_i, hi_i, lo, top, hi, base,
+                        cidx_ptr + row.to(tl.int64) * CMAX, cval_ptr + row.to(tl.int64) * CMAX,
+                        CMAX, BLOCK)
+        tl.store(wi + S + 2 * S * K + 2 * K + 2 * ST_SIZE + s, gmin)
+
+
 @triton.jit
 def la_step_kernel(
     zp_ptr, z0_ptr, stride_p, stride_0,
     r_ptr, r_val, t_ptr, t_val, p_ptr, p_val,
     u_ptr, seed_ptr, seed_val, off_ptr, off_val,
     tok_ptr, lp_ptr, nsz_ptr, status_ptr,
-    V,
+    cidx_ptr, cval_ptr, ws_f, ws_i,
+    V, S, WF, WI, PASSES, BKEY,
     R_PER_ROW: tl.constexpr, T_PER_ROW: tl.constexpr, P_PER_ROW: tl.constexpr,
     RNG: tl.constexpr, OFF_PER_ROW: tl.constexpr, GREEDY: tl.constexpr,
-    BLOCK: tl.constexpr, NPIV: tl.constexpr,
+    SPLIT: tl.constexpr, SP: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, K: tl.constexpr, CMAX: tl.constexpr,
+    JB: tl.constexpr,
 ):
-    # zp, z0: [B, V] (fp32/bf16/fp16, last dim contiguous); outputs: [B]
-    # RNG: 0 = uniforms given in u_ptr, 1 = one seed (counter = row, offset),
-    #      2 = per-row seeds (counter = 0, offset)
+    # One program per row. zp, z0: [B, V] (fp32/bf16/fp16, last dim contiguous); outputs:
+    # [B]. cidx/cval: [B, CMAX] buffers. RNG: 0 = uniforms given in u_ptr, 1 = one seed
+    # (counter = row, offset), 2 = per-row seeds (counter = 0, offset).
     row = tl.program_id(0)
     # int64 row offsets: row * stride overflows int32 once B * V passes 2**31.
     rowp = zp_ptr + row.to(tl.int64) * stride_p
     row0 = z0_ptr + row.to(tl.int64) * stride_0
-    cols = tl.arange(0, BLOCK)
+    cidx = cidx_ptr + row.to(tl.int64) * CMAX
+    cval = cval_ptr + row.to(tl.int64) * CMAX
+    r = _row_param(r_ptr, r_val, row, R_PER_ROW)
+    T = _row_param(t_ptr, t_val, row, T_PER_ROW)
+    top_p = _row_param(p_ptr, p_val, row, P_PER_ROW)
+    is_t0, inv_t = _temperature(T)
 
-    if R_PER_ROW:
-        r = tl.load(r_ptr + row).to(tl.float32)
+    # ---- pass 1 and the start of the search ----
+    if SPLIT:
+        m, zsum, bad = _split_stats(ws_f, ws_i, row, S, inv_t, WF, WI, SP)
     else:
-        r = tl.full((), r_val, tl.float32)
-    if T_PER_ROW:
-        T = tl.load(t_ptr + row).to(tl.float32)
-    else:
-        T = tl.full((), t_val, tl.float32)
-    if P_PER_ROW:
-        top_p = tl.load(p_ptr + row).to(tl.float32)
-    else:
-        top_p = tl.full((), p_val, tl.float32)
-    # T == 0 is greedy (the limit T -> 0): N collapses onto the principle argmax. Sums
-    # computed below with T = 1 for such rows are never used.
-    is_t0 = T == 0.0
-    inv_t = 1.0 / tl.where(is_t0, 1.0, T)
-
-    # ---- pass 1: online max / rescaled sum of the principle branch, bad-input flag ----
-    m = tl.full((), float("-inf"), tl.float32)
-    zsum = tl.zeros((), tl.float32)
-    bad = tl.zeros((), tl.int32)
-    for start in range(0, V, BLOCK):
-        offs = start + cols
-        msk = offs < V
-        x = tl.load(rowp + offs, mask=msk, other=float("-inf")).to(tl.float32)
-        y = tl.load(row0 + offs, mask=msk, other=float("-inf")).to(tl.float32)
-        x, bx = _sanitize(x)
-        y, by = _sanitize(y)
-        bad = tl.maximum(bad, tl.max((bx | by).to(tl.int32), axis=0))
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoid -inf - -inf
-        zsum = zsum * tl.exp((m - m_ref) * inv_t) + tl.sum(tl.exp((x - m_ref) * inv_t), axis=0)
-        m = m_new
-    empty = m == float("-inf")  # no finite principle logit: nothing can be chosen
-
-    # ---- pass 2: nucleus threshold tau by multi-pivot bracketing in key space ----
+        m, zsum, bad = _stats(rowp, row0, 0, V, inv_t, BLOCK)
     thr = top_p * zsum
-    cut = m - GAP * tl.where(is_t0, 0.0, T)  # the gap rule, in fp32 like every backend
-    # Keys are int32 (every finite or -inf key lies strictly inside the int32 range, so
-    # INT32_MIN / INT32_MAX serve as "none"); pivot arithmetic is done in int64.
-    smin = _key(cut)
-    smax = _key(m)
-    # top_p >= 1 keeps every token that passes the gap rule; empty rows skip the search.
-    smax = tl.where((top_p >= 1.0) | empty, smin, smax)
-    HALF: tl.constexpr = NPIV // 2
-    kk = tl.arange(0, NPIV)
-    while smin < smax:
-        d = smax.to(tl.int64) - smin.to(tl.int64)
-        by_key = (smin.to(tl.int64) + (d * kk) // HALF).to(tl.int32)  # kk < HALF: from smin
-        vmin = _unkey(smin)
-        vmax = _unkey(smax)
-        frac = (kk - HALF + 1).to(tl.float32) / (HALF + 1)
-        by_val = _key(vmin + (vmax - vmin) * frac)  # evenly in value
-        piv = tl.where(kk < HALF, by_key, by_val)
-        piv = tl.minimum(tl.maximum(piv, smin), smax - 1)  # any pivot in range is valid
-        mass = tl.zeros((NPIV,), tl.float32)
-        le_max = tl.full((NPIV,), NONE_LO, tl.int32)  # largest row key in [smin, pivot]
-        gt_min = tl.full((NPIV,), NONE_HI, tl.int32)  # smallest row key in (pivot, smax]
-        for start in range(0, V, BLOCK):
-            offs = start + cols
-            x = tl.load(rowp + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-            x, _ = _sanitize(x)
-            k = _key(x)
-            e = tl.exp((x - m) * inv_t)
-            above = k[:, None] > piv[None, :]
-            mass += tl.sum(tl.where(above, e[:, None], 0.0), axis=0)
-            kb = tl.broadcast_to(k[:, None], (BLOCK, NPIV))
-            le_max = tl.maximum(le_max, tl.max(tl.where(~above & (kb >= smin), kb, NONE_LO), axis=0))
-            gt_min = tl.minimum(gt_min, tl.min(tl.where(above & (kb <= smax), kb, NONE_HI), axis=0))
-        keep = mass < thr  # pivot p is "in": every key at or above it is in N
-        lo_piv = tl.max(tl.where(keep, NONE_LO, piv), axis=0)  # largest pivot that is out
-        hi_piv = tl.min(tl.where(keep, piv, NONE_HI), axis=0)  # smallest pivot that is in
-        new_min = tl.min(tl.where(~keep & (piv == lo_piv), gt_min, NONE_HI), axis=0)
-        new_max = tl.max(tl.where(keep & (piv == hi_piv), le_max, NONE_LO), axis=0)
-        first_in = tl.min(tl.where(keep & (piv == hi_piv), gt_min, NONE_HI), axis=0)
-        # Out pivot: keys at or below it are out; the bracket starts at the next row key.
-        smin = tl.where(lo_piv > NONE_LO, new_min, smin)
-        # In pivot: the largest row key at or below it is in. If there is none in the
-        # bracket, the smallest key above the pivot is tau.
-        has_in = hi_piv < NONE_HI
-        no_key = new_max == NONE_LO
-        smax = tl.where(has_in & ~no_key, new_max, smax)
-        smin = tl.where(has_in & no_key, first_in, smin)
-        smax = tl.where(has_in & no_key, first_in, smax)
-    tau = smax
+    cut, lo, hi, need, empty = _search_init(m, T, top_p, is_t0)
+    m_hi = tl.zeros((), tl.float32)
+    c_lo = tl.full((), CMAX + 1, tl.int32)
+    c_hi = tl.zeros((), tl.int32)
+    gt_hi = tl.full((), NONE_HI, tl.int32)
+    here = need  # does this program search and compact (rather than the split launches)?
+    if SPLIT:
+        lo, hi, m_hi, c_lo, c_hi, src = _split_state(ws_f, ws_i, row, PASSES, S, thr, WF,
+                                                     WI, K, SP)
+        here = need & _open(lo, hi, c_lo - c_hi, CMAX)
+        if need & ~here:
+            ss = tl.arange(0, SP)
+            g = ws_i + row.to(tl.int64) * WI + S + 2 * S * K + 2 * K + 2 * ST_SIZE + ss
+            gt_hi = tl.min(tl.load(g, mask=ss < S, other=NONE_HI), axis=0)
 
-    # ---- pass 3: aligned scores on N; stats of the aligned and the plain distribution ----
-    a_max = tl.full((), float("-inf"), tl.float32)
-    a_sum = tl.zeros((), tl.float32)
-    a_arg = tl.zeros((), tl.int32)
-    p_sum = tl.zeros((), tl.float32)  # plain principle branch on N (the fallback)
-    p_arg = tl.full((), 2**30, tl.int32)
-    n_in = tl.zeros((), tl.int32)
-    for start in range(0, V, BLOCK):
-        offs = start + cols
-        x, y, in_n = _load_nucleus(rowp, row0, offs, V, tau)
-        ok = in_n & (y > float("-inf"))
-        a = tl.where(ok, _aligned(x, y, r), float("-inf"))
-        n_in += tl.sum(in_n.to(tl.int32), axis=0)
-        b_max = tl.max(a, axis=0)
-        b_arg = tl.min(tl.where(ok & (a == b_max), offs, 2**30), axis=0)
-        new_max = tl.maximum(a_max, b_max)
-        ref = tl.where(new_max == float("-inf"), 0.0, new_max)
-        a_sum = a_sum * tl.exp((a_max - ref) * inv_t) + tl.sum(tl.exp((a - ref) * inv_t), axis=0)
-        a_arg = tl.where(b_max > a_max, b_arg, a_arg)  # strict: earlier block wins ties
-        a_max = new_max
-        p_sum += tl.sum(tl.where(in_n, tl.exp((x - m) * inv_t), 0.0), axis=0)
-        p_arg = tl.minimum(p_arg, tl.min(tl.where(in_n & (x == m), offs, 2**30), axis=0))
-    fallback = (a_max == float("-inf")) & (n_in > 0)  # banning emptied N: r taken as 0
-    r_eff = tl.where(fallback, 0.0, r)
-    s_max = tl.where(fallback, m, a_max)
-    s_sum = tl.where(fallback, p_sum, a_sum)
-    token = tl.where(fallback, p_arg, a_arg)
-    s_tok = s_max
+    # ---- pass 2: bracket the threshold, then copy the candidates ----
+    if here:
+        while _open(lo, hi, c_lo - c_hi, CMAX):
+            piv = _pivots(lo, hi, K)
+            mass, cnt = _pivot_sums(rowp, 0, V, piv, m, inv_t, BLOCK_P, K)
+            lo, hi, m_hi, c_lo, c_hi = _bracket(piv, mass, cnt, thr, K)
+        top = tl.where(c_lo <= CMAX, NONE_HI, hi)
+        gt_hi = _compact(rowp, 0, V, lo, top, hi, tl.zeros((), tl.int32), cidx, cval, CMAX,
+                         BLOCK)
+        tl.debug_barrier()  # the buffer is read back by other threads of this program
+    whole = need & (c_lo <= CMAX)  # the buffer holds every key above lo
+    tau = _key(cut)
+    if need:
+        n_buf = tl.minimum(tl.where(whole, c_lo, c_lo - c_hi), CMAX)
+        base = tl.where(whole, 0.0, m_hi)
+        tau = _resolve_tau(cval, n_buf, base, thr, m, inv_t, gt_hi, CMAX, JB)
 
-    # ---- pass 4: inverse-CDF draw in vocabulary order ----
+    # ---- one uniform per row ----
+    u = tl.zeros((), tl.float32)
     if not GREEDY:
         if RNG == 0:
             u = tl.load(u_ptr + row).to(tl.float32)
@@ -251,33 +614,15 @@ def la_step_kernel(
                 off = tl.full((), off_val, tl.int64)
             # Philox counter (c0, c1) = (ctr, offset): the low and high words of one int64.
             u = tl.rand(seed, ctr | (off << 32))
-        target = u * s_sum
-        carry = tl.zeros((), tl.float32)
-        pick = tl.full((), 2**30, tl.int32)
-        pick_s = tl.full((), float("-inf"), tl.float32)
-        last = tl.full((), -1, tl.int32)
-        last_s = tl.full((), float("-inf"), tl.float32)
-        for start in range(0, V, BLOCK):
-            offs = start + cols
-            x, y, in_n = _load_nucleus(rowp, row0, offs, V, tau)
-            ok = tl.where(fallback, in_n, in_n & (y > float("-inf")))
-            s = tl.where(ok, _aligned(x, y, r_eff), float("-inf"))
-            w = tl.exp((s - s_max) * inv_t)
-            cum = carry + tl.cumsum(w, axis=0)
-            hit = tl.min(tl.where((cum > target) & (w > 0.0), offs, 2**30), axis=0)
-            hit_s = tl.max(tl.where(offs == hit, s, float("-inf")), axis=0)
-            take = (pick == 2**30) & (hit < 2**30)
-            pick = tl.where(take, hit, pick)
-            pick_s = tl.where(take, hit_s, pick_s)
-            b_last = tl.max(tl.where(w > 0.0, offs, -1), axis=0)
-            last_s = tl.where(b_last > last, tl.max(tl.where(offs == b_last, s, float("-inf")), axis=0), last_s)
-            last = tl.maximum(last, b_last)
-            carry += tl.sum(w, axis=0)
-        # Rounding can leave u * S just above the final running sum: take the last token.
-        no_pick = pick == 2**30
-        sampled = tl.where(is_t0, token, tl.where(no_pick, last, pick))
-        s_tok = tl.where(is_t0, s_max, tl.where(no_pick, last_s, pick_s))
-        token = sampled
+
+    # ---- pass 3: aligned scores on N and the token ----
+    if whole:
+        token, s_tok, s_max, s_sum, n_in, fallback = _finish_buffer(
+            cidx, cval, c_lo, row0, tau, m, r, inv_t, u, GREEDY, CMAX)
+    else:
+        # (T == 0 rows always come here: they need no search.)
+        token, s_tok, s_max, s_sum, n_in, fallback = _finish_stream(
+            rowp, row0, V, tau, m, r, inv_t, u, is_t0, GREEDY, BLOCK)
 
     logprob = tl.where(is_t0, 0.0, (s_tok - s_max) * inv_t - tl.log(s_sum))
     status = tl.where(fallback, 1, 0) | tl.where((bad > 0) | empty, 2, 0)
@@ -290,17 +635,29 @@ def la_step_kernel(
     tl.store(status_ptr + row, status.to(tl.int32))
 
 
-# Pivots per bracketing pass: 8 spread in key space, 8 in value.
-NPIV = 16
+# ---------------------------------------------------------------------------- launcher
+K_PIVOTS = 16  # pivots per bracketing pass (2 ends, 7 in key space, 7 in value)
+CMAX_BUF = 256  # candidate buffer per row
+JB_TAU = 16  # candidates resolved at once in _resolve_tau
+SPLIT_PASSES = 3  # split bracketing rounds before the per-row kernel takes over
+SPLIT_BLOCK = 1024
+MIN_CHUNK = 2048  # smallest chunk of a row worth its own program
+
+if INTERPRETED:
+    # The interpreter costs per executed op: few, large blocks; autotune needs a GPU.
+    _CONFIGS = [triton.Config(dict(BLOCK=2048, BLOCK_P=256), num_warps=4)]
+else:
+    _CONFIGS = [triton.Config(dict(BLOCK=1024, BLOCK_P=128), num_warps=4),
+                triton.Config(dict(BLOCK=2048, BLOCK_P=256), num_warps=8)]
 
 
-def _block_for(V, device):
-    # Under the interpreter every tl op costs a fixed overhead, so fewer, larger blocks are
-    # faster; compiled, [BLOCK, NPIV] intermediates must stay in registers. The GPU issue
-    # replaces this with triton.autotune.
-    if device.type == "cuda":
-        return 1024, 8
-    return min(4096, triton.next_power_of_2(V)), 4
+def _quick_bench(fn, quantiles):
+    # Autotuning runs once per (V, batch bucket, dtypes); keep it short.
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+la_step_tuned = triton.autotune(_CONFIGS, key=["V", "BKEY", "SPLIT", "GREEDY"],
+                                do_bench=None if INTERPRETED else _quick_bench)(la_step_kernel)
 
 
 def _param(x, device, dtype):
@@ -309,19 +666,52 @@ def _param(x, device, dtype):
 
     if isinstance(x, torch.Tensor):
         return x.to(device=device, dtype=dtype).contiguous(), 0, True
-    dummy = torch.empty(1, device=device, dtype=dtype)
-    return dummy, x, False
+    return _dummy(device, dtype), x, False
+
+
+_DUMMIES = {}
+_SMS = {}
+
+
+def _dummy(device, dtype):
+    import torch
+
+    key = (device, dtype)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.empty(1, device=device, dtype=dtype)
+    return _DUMMIES[key]
+
+
+def plan_split(B, V, device):
+    """Chunks per row for the split path (1 = the fused kernel): enough programs to fill
+    the GPU at small batch, chunks of at least MIN_CHUNK logits."""
+    if device.type != "cuda":
+        return 1
+    if device not in _SMS:
+        import torch
+
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _SMS[device]
+    if 2 * B >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, B), V // MIN_CHUNK))
 
 
 def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, seed=None,
-            offset=0, block=None):
-    """Launch ``la_step_kernel`` once over a [B, V] batch.
+            offset=0, split=None, block=None, split_block=SPLIT_BLOCK, pivots=K_PIVOTS,
+            cmax=CMAX_BUF):
+    """Launch the step over a [B, V] batch (no host synchronisation).
 
     logits_p, logits_0: [B, V] fp32/bf16/fp16 on one device, last dim contiguous.
     ratio, temperature, top_p: a Python number or a [B] tensor each (already validated).
     Randomness (sampling only): ``u`` ([B] uniforms in [0, 1)), or ``seed`` (an int: the
     counter is (row, offset); or a [B] int64 tensor of per-row seeds: the counter is
     (0, offset)). ``offset``: an int or a [B] int64 tensor (e.g. the decoding position).
+    ``split``: chunks per row (1: the fused one-launch kernel; None: ``plan_split``).
+    ``block``: force the per-row kernel's block size (tests; default: autotuned).
+    ``split_block``: block (and chunk granularity) of the split launches; ``pivots``, ``cmax``:
+    pivots per pass and candidate buffer size (powers of two; small values in tests reach
+    every branch of the search on small rows).
     Returns (tokens int64 [B], logprobs fp32 [B], nucleus_size int32 [B], status int32 [B]).
     """
     import torch
@@ -340,7 +730,7 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
     t_t, t_v, t_row = _param(temperature, dev, torch.float32)
     p_t, p_v, p_row = _param(top_p, dev, torch.float32)
     o_t, o_v, o_row = _param(offset, dev, torch.int64)
-    dummy_i = torch.empty(1, device=dev, dtype=torch.int64)
+    dummy_i = _dummy(dev, torch.int64)
     if greedy:
         rng, u_t, s_t, s_v = 0, logprobs, dummy_i, 0
     elif u is not None:
@@ -349,15 +739,45 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
         rng, u_t, s_t, s_v = 2, logprobs, seed.to(device=dev, dtype=torch.int64).contiguous(), 0
     else:
         rng, u_t, s_t, s_v = 1, logprobs, dummy_i, int(seed)
-    blk, warps = _block_for(V, dev) if block is None else (block, 4)
-    la_step_kernel[(B,)](
+    S = plan_split(B, V, dev) if split is None else int(split)
+    chunk = triton.cdiv(triton.cdiv(V, max(S, 1)), split_block) * split_block
+    S = triton.cdiv(V, chunk) if S > 1 else 1
+    K, CMAX = pivots, cmax
+    SP = triton.next_power_of_2(S)
+    WF = 2 * S + 2 * S * K + 2
+    WI = S + 2 * S * K + 2 * K + 16 + S
+    ws_f = torch.empty(B * WF, device=dev, dtype=torch.float32)
+    ws_i = torch.empty(B * WI, device=dev, dtype=torch.int32)
+    cbuf = torch.empty(2 * B * CMAX, device=dev, dtype=torch.int32)
+    cidx, cval = cbuf[:B * CMAX], cbuf[B * CMAX:].view(torch.float32)
+    if S > 1:
+        grid = (B, S)
+        la_stats_kernel[grid](zp, z0, zp.stride(0), z0.stride(0), t_t, float(t_v), ws_f, ws_i,
+                              V, S, chunk, WF, WI, T_PER_ROW=t_row, BLOCK=split_block,
+                              num_warps=4)
+        for p in range(SPLIT_PASSES):
+            la_pivot_kernel[grid](zp, zp.stride(0), t_t, float(t_v), p_t, float(p_v), ws_f,
+                                  ws_i, V, S, chunk, WF, WI, p, T_PER_ROW=t_row,
+                                  P_PER_ROW=p_row, BLOCK=min(256, split_block), K=K,
+                                  CMAX=CMAX, SP=SP,
+                                  num_warps=4)
+        la_compact_kernel[grid](zp, zp.stride(0), t_t, float(t_v), p_t, float(p_v), ws_f, ws_i,
+                                cidx, cval, V, S, chunk, WF, WI, SPLIT_PASSES, T_PER_ROW=t_row,
+                                P_PER_ROW=p_row, BLOCK=split_block, K=K, CMAX=CMAX, SP=SP,
+                                num_warps=4)
+    if block is None:
+        kernel, cfg = la_step_tuned, {}
+    else:
+        kernel, cfg = la_step_kernel, dict(BLOCK=block, BLOCK_P=min(block, 256), num_warps=4)
+    kernel[(B,)](
         zp, z0, zp.stride(0), z0.stride(0),
         r_t, float(r_v), t_t, float(t_v), p_t, float(p_v),
         u_t, s_t, s_v, o_t, int(o_v),
         tokens, logprobs, nsz, status,
-        V,
+        cidx, cval, ws_f, ws_i,
+        V, S, WF, WI, SPLIT_PASSES, triton.next_power_of_2(B),
         R_PER_ROW=r_row, T_PER_ROW=t_row, P_PER_ROW=p_row,
         RNG=rng, OFF_PER_ROW=o_row, GREEDY=bool(greedy),
-        BLOCK=blk, NPIV=NPIV, num_warps=warps,
+        SPLIT=S > 1, SP=SP, K=K, CMAX=CMAX, JB=min(JB_TAU, CMAX), **cfg,
     )
     return tokens, logprobs, nsz, status

@@ -1,4 +1,4 @@
-"""The kernel compiles for the GPU machine's H100 (sm_90) even where there is no GPU.
+"""The kernels compile for the GPU machine's H100 (sm_90) even where there is no GPU.
 
 The interpreter accepts code that the compiler rejects (globals that are not constexpr,
 type mismatches in loop-carried values), so CPU-only CI compiles the kernel ahead of time to
@@ -16,22 +16,39 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from linalign.kernels import INTERPRETED
-from linalign.kernels.step import la_step_kernel
+from linalign.kernels import step as ks
 
 assert not INTERPRETED
 dtype = sys.argv[1]
-base = dict(zp_ptr="*" + dtype, z0_ptr="*" + dtype, stride_p="i64", stride_0="i64",
-            r_ptr="*fp32", r_val="fp32", t_ptr="*fp32", t_val="fp32", p_ptr="*fp32",
-            p_val="fp32", u_ptr="*fp32", seed_ptr="*i64", seed_val="i64", off_ptr="*i64",
-            off_val="i64", tok_ptr="*i64", lp_ptr="*fp32", nsz_ptr="*i32", status_ptr="*i32",
-            V="i32")
-for greedy, rng, per_row in ((True, 0, False), (False, 0, True), (False, 1, False), (False, 2, True)):
-    const = dict(R_PER_ROW=per_row, T_PER_ROW=per_row, P_PER_ROW=per_row, RNG=rng,
-                 OFF_PER_ROW=per_row, GREEDY=greedy, BLOCK=1024, NPIV=16)
-    sig = dict(base, **{k: "constexpr" for k in const})
-    k = triton.compile(ASTSource(fn=la_step_kernel, signature=sig, constexprs=const),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+TYPES = dict(zp_ptr="*" + dtype, z0_ptr="*" + dtype, r_ptr="*fp32", r_val="fp32",
+             t_ptr="*fp32", t_val="fp32", p_ptr="*fp32", p_val="fp32", u_ptr="*fp32",
+             seed_ptr="*i64", seed_val="i64", off_ptr="*i64", off_val="i64", tok_ptr="*i64",
+             lp_ptr="*fp32", nsz_ptr="*i32", status_ptr="*i32", cidx_ptr="*i32",
+             cval_ptr="*fp32", ws_f="*fp32", ws_i="*i32", stride_p="i64", stride_0="i64")
+
+
+def build(kernel, const, warps):
+    sig = {a: ("constexpr" if a in const else TYPES.get(a, "i32")) for a in kernel.arg_names}
+    k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
     assert len(k.asm["cubin"]) > 0
+
+
+K, CMAX = ks.K_PIVOTS, ks.CMAX_BUF
+configs = [(c.kwargs["BLOCK"], c.kwargs["BLOCK_P"], c.num_warps) for c in ks._CONFIGS]
+variants = ((True, 0, False, False), (False, 0, True, True), (False, 1, False, False),
+            (False, 2, True, True))
+for i, (greedy, rng, per_row, split) in enumerate(variants):
+    blk, blk_p, warps = configs[i % len(configs)]  # every autotune config, every variant kind
+    build(ks.la_step_kernel, dict(R_PER_ROW=per_row, T_PER_ROW=per_row, P_PER_ROW=per_row,
+                                  RNG=rng, OFF_PER_ROW=per_row, GREEDY=greedy, SPLIT=split,
+                                  SP=32, BLOCK=blk, BLOCK_P=blk_p, K=K, CMAX=CMAX,
+                                  JB=ks.JB_TAU), warps)
+build(ks.la_stats_kernel, dict(T_PER_ROW=True, BLOCK=1024), 4)
+build(ks.la_pivot_kernel, dict(T_PER_ROW=False, P_PER_ROW=True, BLOCK=256, K=K, CMAX=CMAX,
+                               SP=64), 4)
+build(ks.la_compact_kernel, dict(T_PER_ROW=True, P_PER_ROW=False, BLOCK=1024, K=K,
+                                 CMAX=CMAX, SP=64), 4)
 print("compiled")
 """
 

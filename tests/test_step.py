@@ -398,9 +398,10 @@ def test_hostile_mix(case, device):
               top_p=pick([1e-9, 0.3, 0.8, 1.0]), greedy=bool(case % 2), seed=case)
     want = linalign.step(zp, z0, backend="reference", check=False, **kw)
     outs = [linalign.step(zp, z0, backend=b, check=False, **kw) for b in FAST]
-    outs.append(linalign.StepOutput(*la_step(zp, z0, kw["ratio"], kw["temperature"],
-                                             kw["top_p"], greedy=kw["greedy"], seed=case,
-                                             block=16)))
+    for extra in (dict(block=16), dict(split=3, split_block=16)):
+        outs.append(linalign.StepOutput(*la_step(zp, z0, kw["ratio"], kw["temperature"],
+                                                 kw["top_p"], greedy=kw["greedy"], seed=case,
+                                                 **extra)))
     for got in outs:
         assert ((got.tokens >= 0) & (got.tokens < V)).all()
         assert not torch.isnan(got.logprobs).any()
@@ -424,3 +425,36 @@ def test_scores_near_the_fp32_limit(backend, device):
         out = linalign.step(zp, z0, ratio=1.0, temperature=1e-4, top_p=0.5, greedy=greedy,
                             seed=0, backend=backend)
         assert out.tokens.tolist() == [0] and out.nucleus_size.tolist() == [1]
+
+
+@pytest.mark.parametrize("case", range(24))
+def test_search_branches(case, device):
+    """The kernel's threshold search with a 16-slot candidate buffer and 4 pivots per pass,
+    fused and split into chunks, on rows where that takes several passes, overflows the
+    buffer (a nucleus of hundreds: scores streamed over the row), leaves the split rounds
+    unfinished (the per-row kernel goes on), or has ties across the bracket: the same
+    tokens, status and nucleus as the reference."""
+    from linalign.kernels import la_step
+
+    g = torch.Generator().manual_seed(1000 + case)
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]  # noqa: E731
+    B, V = pick([1, 2, 3]), pick([300, 1000, 2500])
+    kind = pick(["peaked", "flat", "ties", "neginf", "normal"])
+    zp, z0 = two_branch(B, V, seed=case, temperature=1.0, steepness=(1.0, 1.6))
+    if kind == "flat":
+        zp = zp * 0.05
+    elif kind == "ties":
+        zp = (zp * 2).round() / 2
+    elif kind == "neginf":
+        z0[torch.rand(B, V, generator=g) < 0.5] = float("-inf")
+    elif kind == "normal":
+        zp = torch.randn(B, V, generator=g) * pick([0.5, 2.0])
+    zp, z0 = zp.to(device), z0.to(device)
+    kw = dict(ratio=pick([-1.0, 0.0, 3.0]), temperature=pick([0.5, 1.0, 2.0]),
+              top_p=pick([0.3, 0.8, 0.95, 0.999]), greedy=bool(case % 2), seed=case)
+    want = linalign.step(zp, z0, backend="reference", check=False, **kw)
+    for extra in (dict(split=1), dict(split=pick([2, 3, 5]), split_block=64)):
+        got = linalign.StepOutput(*la_step(zp, z0, kw["ratio"], kw["temperature"], kw["top_p"],
+                                           greedy=kw["greedy"], seed=case, pivots=4, cmax=16,
+                                           block=64, **extra))
+        assert_same_step(got, want, zp, kw["temperature"], kw["top_p"], logprob_atol=1e-3)
