@@ -39,6 +39,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import ops  # noqa: F401  (registers torch.ops.linalign.triton_step)
 from .random import row_uniforms
 
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -83,11 +84,16 @@ RULES = {
 
 
 def _param(name, x, B, device, check, valid, expected):
-    """Validate a number or a [B] tensor; return it (tensors as fp32 on ``device``)."""
+    """Validate a number or a [B] tensor; return it (tensors as fp32 on ``device``).
+
+    A 0-d tensor on the logits' device becomes a [B] view when ``check`` is off (no host
+    synchronisation); otherwise it is read back as a number."""
     if isinstance(x, torch.Tensor):
-        if x.dim() == 0:
+        if x.dim() == 0 and (check or x.device != device):
             x = x.item()
         else:
+            if x.dim() == 0:
+                x = x.expand(B)
             if x.shape != (B,):
                 raise ValueError(f"{name} must be a number or a tensor of shape [{B}]; "
                                  f"got shape {list(x.shape)}")
@@ -109,14 +115,21 @@ def _param(name, x, B, device, check, valid, expected):
     return float(x)
 
 
-def _int_param(name, x, B, device):
+def _int_param(name, x, B, device, check=True):
+    """An int or a [B] int64 tensor. A 0-d tensor on ``device`` with ``check`` off stays a
+    0-d device tensor (no host synchronisation; the Triton path reads it in the kernel);
+    otherwise it is read back as an int."""
     if isinstance(x, torch.Tensor):
         if x.dtype.is_floating_point or x.dtype == torch.bool or x.shape not in ((B,), ()):
             raise ValueError(f"{name} must be an int or an int64 tensor of shape [{B}]; got "
                              f"{x.dtype} of shape {list(x.shape)}")
         if x.dim() == 0:
-            return int(x.item())
-        return x.to(device=device, dtype=torch.int64)
+            if check or x.device != device:
+                return _int_param(name, int(x.item()), B, device)
+            return x.to(torch.int64)
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but the logits are on {device}")
+        return x.to(dtype=torch.int64)
     if isinstance(x, bool) or not isinstance(x, int):
         raise TypeError(f"{name} must be an int or a [B] int64 tensor; got {type(x).__name__}")
     if not 0 <= x < 2**63:
@@ -154,8 +167,10 @@ def prepare(logits_p, logits_0, ratio, temperature, top_p, generator, seed, offs
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
     if seed is not None:
-        seed = _int_param("seed", seed, B, dev)
-    offset = _int_param("offset", offset, B, dev)
+        seed = _int_param("seed", seed, B, dev, check)
+    offset = _int_param("offset", offset, B, dev, check)
+    if isinstance(offset, torch.Tensor) and offset.dim() == 0:
+        offset = offset.expand(B)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
     return ratio, temperature, top_p, seed, offset
@@ -179,6 +194,10 @@ def _run_triton(zp, z0, r, T, p, greedy, generator, seed, offset):
     u = None
     if not greedy and seed is None:
         u = row_uniforms(zp.shape[0], zp.device, generator=generator)
+    if torch.compiler.is_compiling():
+        # Under torch.compile the launches go through one opaque custom op (linalign.ops).
+        return torch.ops.linalign.triton_step(*ops.as_op_args(zp, z0, r, T, p, greedy, u, seed,
+                                                          offset))
     return kernels.la_step(zp, z0, r, T, p, greedy=greedy, u=u, seed=seed, offset=offset)
 
 
@@ -199,6 +218,8 @@ def step(logits_p, logits_0, *, ratio, temperature=1.0, top_p=1.0, greedy=False,
     r, T, p, seed, offset = prepare(logits_p, logits_0, ratio, temperature, top_p,
                                     generator, seed, offset, check)
     which = _resolve(backend, logits_p.device)
+    if which != "triton" and isinstance(seed, torch.Tensor) and seed.dim() == 0:
+        seed = int(seed.item())  # one seed kept on the device is read in the kernel only
     if which == "triton":
         out = _run_triton(logits_p, logits_0, r, T, p, greedy, generator, seed, offset)
     elif which == "torch":
