@@ -66,7 +66,7 @@ FIELDS = ["op", "B", "V", "dtype", "rows", "mode", "provider", "median_ms", "spr
           "floor_us", "device", "threads", "versions", "date"]  # floor_us: added with --grid
 GRID_B = (1, 8, 32, 64, 256)
 GRID_V = (32000, 128256, 152064, 262144)
-GRID_PROVIDERS = ("triton", "authors", "reference-compiled", "torch")
+GRID_PROVIDERS = ("triton", "triton-graph", "authors", "reference-compiled", "torch")
 TORCH_MAX_BV = 64 * 128256  # the grid times "torch" only up to this B * V (ms per call on a GPU)
 POOL = 64  # distinct rows per V in the grid
 HBM_BYTES_PER_S = 3.0e12  # the H100's measured device-to-device bandwidth (PLATFORM.md)
@@ -99,6 +99,31 @@ def compiled_reference():
     return fn
 
 
+def graphed_triton(greedy_kw):
+    """linalign's step captured in a CUDA graph (check=False, the seed a device tensor), timed
+    by replay: the device time of its launches without Python's launch overhead. One graph
+    is kept (the latest cell's); compile and autotune happen before the capture."""
+    graphs = {}
+
+    def fn(zp, z0, mode):
+        key = (zp.data_ptr(), z0.data_ptr(), tuple(zp.shape), zp.dtype, mode)
+        if key not in graphs:
+            seed = torch.zeros((), dtype=torch.int64, device=zp.device)
+
+            def once():
+                return linalign.step(zp, z0, backend="triton", seed=seed, check=False,
+                                     **greedy_kw(mode))
+            once()
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                once()
+            graphs.clear()
+            graphs[key] = g
+        graphs[key].replay()
+    return fn
+
+
 def providers(device, grid=False):
     """name -> fn(zp, z0, mode). The default table: torch, reference, authors (and on a GPU
     triton and reference-compiled); the grid's: GRID_PROVIDERS that run on ``device``."""
@@ -113,6 +138,8 @@ def providers(device, grid=False):
     if device.type == "cuda":
         table["triton"] = lambda zp, z0, mode: linalign.step(zp, z0, backend="triton", seed=0,
                                                              check=False, **greedy_kw(mode))
+        if grid:
+            table["triton-graph"] = graphed_triton(greedy_kw)
     if device.type == "cuda" or grid:  # compiles on first call (inductor; on a CPU, C++)
         table["reference-compiled"] = compiled_reference()
     if grid:
@@ -329,15 +356,16 @@ def summary(rows):
               f"{rows[0].get('date', '')}; floor = 2 B V bytes / 3.0 TB/s\n")
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     ratio = lambda a, b: None if a is None or b is None else a / b  # noqa: E731
-    print("| dtype | mode | B | V | triton (us) | floor (us) | triton / floor "
-          "| authors / triton | reference-compiled / triton |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| dtype | mode | B | V | triton (us) | triton in a CUDA graph (us) | floor (us) "
+          "| graph / floor | authors / triton | reference-compiled / triton |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     order = lambda k: (k[0], k[1], k[3], k[2])  # noqa: E731
     for (dtype, mode, B, V) in sorted(cells, key=order):
         c = cells[(dtype, mode, B, V)]
         t = c.get("triton")
-        print(f"| {dtype} | {mode} | {B} | {V} | {fmt(t, '.1f')} | {fmt(c.get('floor'), '.2f')} "
-              f"| {fmt(ratio(t, c.get('floor')), '.0f')} "
+        tg = c.get("triton-graph")
+        print(f"| {dtype} | {mode} | {B} | {V} | {fmt(t, '.1f')} | {fmt(tg, '.1f')} "
+              f"| {fmt(c.get('floor'), '.2f')} | {fmt(ratio(tg, c.get('floor')), '.1f')} "
               f"| {fmt(ratio(c.get('authors'), t), '.1f')} "
               f"| {fmt(ratio(c.get('reference-compiled'), t), '.1f')} |")
     sys.stdout.flush()

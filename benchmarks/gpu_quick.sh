@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# A short GPU run (about 4 minutes) for when little device time is left: install, the step
+# grid on bf16 (B in {1, 8, 64, 256}, V in {128256, 32000}; linalign's kernel eager and
+# captured in a CUDA graph, against the authors' eager step), the CUDA-graph / no-sync tests,
+# the decode benchmark on the 1B shape (plain and Linear Alignment, eager and fast=True),
+# then the kernel's tests against the reference. Same stage/caps/status.txt conventions as
+# gpu_suite.sh (the full run). Usage: bash benchmarks/gpu_quick.sh OUTDIR
+set -u
+out=${1:?usage: bash benchmarks/gpu_quick.sh OUTDIR}
+mkdir -p "$out"
+: > "$out/status.txt"
+export PYTHONUNBUFFERED=1
+stage() {
+    local name=$1 cap=$2; shift 2
+    echo "== $name: $*"
+    timeout "$cap" "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    echo "$name $rc" >> "$out/status.txt"
+    tail -n 25 "$out/$name.log"
+}
+stage install 25 python -m pip install --no-deps --no-build-isolation -e .
+stage step 80 python benchmarks/bench_step.py --grid --dtypes bfloat16 --B 1,8,64,256 \
+    --V 128256,32000 --providers triton,triton-graph,authors --time-limit 60 \
+    --out "$out/step_cuda.csv"
+stage graph 35 python -m pytest -q -x tests/test_graph.py -k "capture or zero_dim"
+stage decode 55 python benchmarks/bench_decode.py --device cuda --shapes 1b --batch 1,8 \
+    --repeats 1 --new-tokens 32 --providers plain,stacked,plain-fast,stacked-fast \
+    --out "$out/decode_cuda.csv"
+stage tests 45 python -m pytest -q -x tests/test_step.py -k "triton and (matches_reference or realistic or largest or hostile)"
+cat "$out/status.txt"
