@@ -19,12 +19,12 @@ stage() {
     tail -n 25 "$out/$name.log"
 }
 stage install 25 python -m pip install --no-deps --no-build-isolation -e .
-stage step 80 python benchmarks/bench_step.py --grid --dtypes bfloat16 --B 1,8,64,256 \
+stage step 75 python benchmarks/bench_step.py --grid --dtypes bfloat16 --B 1,8,64,256 \
     --V 128256,32000 --providers triton,triton-graph,authors --time-limit 60 \
     --out "$out/step_cuda.csv"
-stage graph 35 python -m pytest -q -x tests/test_graph.py -k "capture or zero_dim"
+stage graph 30 python -m pytest -q -x tests/test_graph.py -k "capture or zero_dim"
 stage decode 55 python benchmarks/bench_decode.py --device cuda --shapes 1b --batch 1,8 \
     --repeats 1 --new-tokens 32 --providers plain,stacked,plain-fast,stacked-fast \
     --out "$out/decode_cuda.csv"
-stage tests 45 python -m pytest -q -x tests/test_step.py -k "triton and (matches_reference or realistic or largest or hostile)"
+stage tests 40 python -m pytest -q -x tests/test_step.py -k "triton and (matches_reference or realistic or largest or hostile)"
 cat "$out/status.txt"

@@ -546,7 +546,8 @@ def la_step_kernel(
 ):
     # One program per row. zp, z0: [B, V] (fp32/bf16/fp16, last dim contiguous); outputs:
     # [B]. cidx/cval: [B, CMAX] buffers. RNG: 0 = uniforms given in u_ptr, 1 = one seed
-    # (counter = row, offset), 2 = per-row seeds (counter = 0, offset).
+    # (counter = row, offset), 2 = per-row seeds (counter = 0, offset), 3 = one seed read
+    # from seed_ptr (counter = row, offset).
     row = tl.program_id(0)
     # int64 row offsets: row * stride overflows int32 once B * V passes 2**31.
     rowp = zp_ptr + row.to(tl.int64) * stride_p
@@ -604,6 +605,9 @@ def la_step_kernel(
         else:
             if RNG == 1:
                 seed = seed_val
+                ctr = row.to(tl.int64)
+            elif RNG == 3:
+                seed = tl.load(seed_ptr)  # one seed kept on the device
                 ctr = row.to(tl.int64)
             else:
                 seed = tl.load(seed_ptr + row)
@@ -705,8 +709,8 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
     logits_p, logits_0: [B, V] fp32/bf16/fp16 on one device, last dim contiguous.
     ratio, temperature, top_p: a Python number or a [B] tensor each (already validated).
     Randomness (sampling only): ``u`` ([B] uniforms in [0, 1)), or ``seed`` (an int: the
-    counter is (row, offset); or a [B] int64 tensor of per-row seeds: the counter is
-    (0, offset)). ``offset``: an int or a [B] int64 tensor (e.g. the decoding position).
+    counter is (row, offset); the same for a 0-d int64 tensor, read on the device; or a [B]
+    int64 tensor of per-row seeds: the counter is (0, offset)). ``offset``: an int or a [B] int64 tensor (e.g. the decoding position).
     ``split``: chunks per row (1: the fused one-launch kernel; None: ``plan_split``).
     ``block``: force the per-row kernel's block size (tests; default: autotuned).
     ``split_block``: block (and chunk granularity) of the split launches; ``pivots``, ``cmax``:
@@ -736,7 +740,8 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
     elif u is not None:
         rng, u_t, s_t, s_v = 0, u.to(device=dev, dtype=torch.float32).contiguous(), dummy_i, 0
     elif isinstance(seed, torch.Tensor):
-        rng, u_t, s_t, s_v = 2, logprobs, seed.to(device=dev, dtype=torch.int64).contiguous(), 0
+        s_t = seed.to(device=dev, dtype=torch.int64).contiguous()
+        rng, u_t, s_v = (3 if seed.dim() == 0 else 2), logprobs, 0
     else:
         rng, u_t, s_t, s_v = 1, logprobs, dummy_i, int(seed)
     S = plan_split(B, V, dev) if split is None else int(split)
