@@ -530,7 +530,9 @@ def la_compact_kernel(zp_ptr, stride_p, t_ptr, t_val, p_ptr, p_val, ws_f, ws_i, 
         tl.store(wi + S + 2 * S * K + 2 * K + 2 * ST_SIZE + s, gmin)
 
 
-@triton.jit
+# Seeds and offsets change from call to call: never specialise the kernel on their values
+# (a decoding loop would otherwise compile new variants as the offset passes 1 or 16).
+@triton.jit(do_not_specialize=["seed_val", "off_val"])
 def la_step_kernel(
     zp_ptr, z0_ptr, stride_p, stride_0,
     r_ptr, r_val, t_ptr, t_val, p_ptr, p_val,
