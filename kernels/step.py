@@ -2,47 +2,45 @@
 
 All arithmetic is fp32 after the load. A row's work is:
 
-1. **Statistics** (reads both branches once): the running max ``m`` and the rescaled sum
-   ``Z = sum exp((z_p - m) / T)`` of the principle branch (online softmax, Milakov and
-   Gimelshein 2018), and the bad-input flag (NaN or ``+inf`` in either branch). Each lane
-   of a block keeps its own running max and sum; lanes are combined once at the end, so the
-   loop has no block-wide reduction.
-2. **Nucleus threshold, sort-free**: ``N = {i : key(z_p[i]) >= tau}`` where ``key`` is the
-   order-preserving int32 image of an fp32 logit and ``tau`` is the smallest row key whose
-   mass-above ``M(tau) = sum_{key_j > tau} exp((z_p[j] - m) / T)`` is below ``top_p * Z``.
-   A bracket ``(lo, hi]`` of keys holds ``tau``: ``lo`` is out (or is the gap rule's cut),
-   ``hi`` is in. Each pass evaluates ``K`` pivots at once (the two ends, half the rest
-   spread evenly in key space, which bounds the worst case, half evenly in value, which is
-   fast on real rows): for each, the mass above it and the number of row keys above it.
-   Passes stop as soon as the bracket holds at most ``CMAX`` row keys (or one key value).
-   Then a **compaction** pass copies, in vocabulary order, the keys above ``lo`` (when
-   there are at most ``CMAX`` of them: the usual case, a peaked row whose nucleus is small)
-   or else the keys in the bracket into a small per-row buffer, and ``tau`` is resolved
-   exactly from the buffer. Comparisons are on the logits themselves, so ties are kept
-   together; only the fp32 mass sums round.
-3. **Aligned scores and the draw.** With the whole nucleus in the buffer, the without-branch
-   logits are gathered only at the nucleus tokens, and the aligned scores
-   ``a = z_p + r (z_p - z_0)``, their max, first argmax, softmax sum and the inverse-CDF
-   draw (vocabulary order) are computed on at most ``CMAX`` values. Otherwise (a nucleus of
-   more than ``CMAX`` tokens: a flat row) the same quantities stream over the row with
-   per-lane accumulators, ``z_0`` read only where a token is in ``N``, and the draw scans
-   blocks until the running mass passes ``u * S``. Banning (``-inf`` in either branch) that
-   empties ``N`` falls back to plain top-p decoding of the principle branch (``r = 0``).
+1. **Max pass** (reads both branches once): the principle branch's max ``m`` and the
+   bad-input flag (NaN or ``+inf`` in either branch). Per-lane accumulators, one combine
+   at the end: no block-wide reduction inside the loop.
+2. **Ladder pass** (reads the principle branch): ``Z = sum exp((z_p - m) / T)`` and, for
+   ``L = 16`` levels ``m - d_j T`` (``d_j`` from 0.44 up to 80, the gap rule's cut, in steps
+   of sqrt 2), the number of logits at or above each level.
+3. **Candidate buffer**: the logits at or above the loosest level that holds at most
+   ``CMAX`` (1024) of them are copied, with their ids, in vocabulary order, to a per-row
+   buffer. If the level is the cut, or if the buffer's mass reaches ``top_p * Z`` (then
+   every token below the level has at least that much mass above it and is out), the
+   buffer holds the whole nucleus: the usual case, since real next-token rows are peaked.
+   The threshold ``tau`` (the smallest logit whose mass-above is below ``top_p * Z``) is then
+   resolved exactly on the buffer, the without-branch logits are gathered at the nucleus
+   tokens only, and the aligned scores ``a = z_p + r (z_p - z_0)``, their max, first argmax,
+   softmax sum and the inverse-CDF draw (vocabulary order) are computed on at most ``CMAX``
+   values. Banning (``-inf`` in either branch) that empties the nucleus falls back to plain
+   top-p decoding of the principle branch (``r = 0``).
+4. **Otherwise** (a nucleus of more than about ``CMAX`` tokens: a flat row), the threshold
+   is bracketed sort-free by multi-pivot passes over the row's order-preserving int32 keys
+   (``K`` pivots per pass: the two ends, half the rest spread evenly in key space, which
+   bounds the worst case, half evenly in value; for each, the mass and the number of keys
+   above it), until the bracket holds at most ``CMAX`` keys, which are copied to the buffer
+   and resolved there; the scores and the draw then stream over the row with per-lane
+   accumulators, reading the without-branch only where a token is in the nucleus.
+
+Comparisons are on the logits themselves, so ties are kept together; only the fp32 mass
+sums round. Results do not depend on block sizes or on the split beyond that rounding.
 
 Two ways to run it:
 
-- **fused** (``la_step_kernel`` with ``SPLIT=False``): one program per row does everything
-  in one launch. Best when the batch fills the GPU.
-- **split** (small batches): each row is cut into ``S`` chunks and the streaming passes run
-  as separate launches over a ``(B, S)`` grid: ``la_stats_kernel`` (pass 1), then
-  ``PASSES`` launches of ``la_pivot_kernel`` (each reduces the previous pass's per-chunk
-  partial sums, a tiny second reduction, and computes its own), ``la_compact_kernel``
-  (each chunk writes its bracket keys at an offset given by the per-chunk counts), and
-  ``la_step_kernel`` with ``SPLIT=True`` (one program per row; it finishes a search that
-  the split passes did not close, on the whole row). Every cross-chunk reduction is a sum,
-  max or min over the chunks in a fixed order, so results are deterministic.
-
-Results do not depend on the block sizes or on the split beyond fp32 rounding of the sums.
+- **fused** (``la_step_kernel`` with ``SPLIT=False``): one program per row, one launch.
+  Used when the batch fills the GPU.
+- **split** (small batches, ``plan_split``): each row is cut into ``S`` chunks and passes
+  1 to 3 run over a ``(B, S)`` grid as three launches, ``la_max_kernel``,
+  ``la_ladder_kernel`` (each chunk reduces the chunks' maxima first) and
+  ``la_compact_kernel`` (each chunk writes its candidates at the offset given by the
+  chunks before it); then ``la_step_kernel`` with ``SPLIT=True`` (one program per row)
+  reduces the chunks' partials and does the rest. Every cross-chunk reduction is a sum,
+  max or min in a fixed order, so results are deterministic.
 """
 import os
 
@@ -66,14 +64,8 @@ NONE_HI = tl.constexpr(2**31 - 1)
 # key(-inf): keys at or below it are never candidates.
 KEY_NEGINF = tl.constexpr(-2139095041)
 NO_IDX = tl.constexpr(2**30)
-# Per-row int32 state slots of the split path (two copies, by pass parity).
-ST_LO = tl.constexpr(0)
-ST_HI = tl.constexpr(1)
-ST_CLO = tl.constexpr(2)
-ST_CHI = tl.constexpr(3)
-ST_RAN = tl.constexpr(4)
-ST_SRC = tl.constexpr(5)
-ST_SIZE = tl.constexpr(8)
+# Ladder levels of the candidate pass: m - d_j T with d_j = GAP * 2 ** (-(L - 1 - j) / 2),
+# from 0.44 T (L = 16) up to the gap rule's cut (j = L - 1).
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -133,12 +125,11 @@ def _temperature(T):
 
 
 @_helper
-def _stats(rowp, row0, lo_i, hi_i, inv_t, BLOCK: tl.constexpr):
-    """Pass 1 over [lo_i, hi_i): (max, sum exp((x - max) / T), bad) of the principle branch,
-    bad also covering the without-branch. Per-lane online softmax, one combine at the end."""
+def _max_pass(rowp, row0, lo_i, hi_i, BLOCK: tl.constexpr):
+    """Pass 1 over [lo_i, hi_i): the principle branch's max and the bad-input flag (NaN or
+    +inf in either branch). Per-lane accumulators, one combine at the end."""
     cols = tl.arange(0, BLOCK)
     m_l = tl.full((BLOCK,), float("-inf"), tl.float32)
-    s_l = tl.zeros((BLOCK,), tl.float32)
     bad_l = tl.zeros((BLOCK,), tl.int32)
     for start in range(lo_i, hi_i, BLOCK):
         offs = start + cols
@@ -148,14 +139,51 @@ def _stats(rowp, row0, lo_i, hi_i, inv_t, BLOCK: tl.constexpr):
         x, bx = _sanitize(x)
         _, by = _sanitize(y)
         bad_l = bad_l | (bx | by).to(tl.int32)
-        m_new = tl.maximum(m_l, x)
-        ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoid -inf - -inf
-        s_l = s_l * tl.exp((m_l - ref) * inv_t) + tl.exp((x - ref) * inv_t)
-        m_l = m_new
-    m = tl.max(m_l, axis=0)
-    ref = tl.where(m == float("-inf"), 0.0, m)
-    zsum = tl.sum(s_l * tl.exp((m_l - ref) * inv_t), axis=0)
-    return m, zsum, tl.max(bad_l, axis=0)
+        m_l = tl.maximum(m_l, x)
+    return tl.max(m_l, axis=0), tl.max(bad_l, axis=0)
+
+
+@_helper
+def _levels(m, T, is_t0, cut, L: tl.constexpr):
+    """The ladder's L logit levels, tight to loose; the last is the gap rule's cut."""
+    jj = tl.arange(0, L)
+    d = GAP * tl.exp2((jj - (L - 1)).to(tl.float32) * 0.5)
+    lv = m - d * tl.where(is_t0, 0.0, T)
+    return tl.where(jj == L - 1, cut, lv)
+
+
+@_helper
+def _ladder_pass(rowp, lo_i, hi_i, m, inv_t, lv, BLOCK: tl.constexpr, L: tl.constexpr):
+    """Pass 2 over [lo_i, hi_i) (the max known): Z = sum exp((x - m) / T) and, per ladder
+    level, the number of finite logits at or above it."""
+    cols = tl.arange(0, BLOCK)
+    z_l = tl.zeros((BLOCK,), tl.float32)
+    cnt = tl.zeros((BLOCK, L), tl.int32)
+    for start in range(lo_i, hi_i, BLOCK):
+        offs = start + cols
+        x = _load_row(rowp, offs, offs < hi_i)
+        z_l += tl.exp((x - m) * inv_t)
+        ge = (x[:, None] >= lv[None, :]) & (x > float("-inf"))[:, None]
+        cnt += ge.to(tl.int32)
+    return tl.sum(z_l, axis=0), tl.sum(cnt, axis=0)
+
+
+@_helper
+def _pick_level(cnt, lv, CMAX: tl.constexpr, L: tl.constexpr):
+    """The loosest level with at most CMAX logits at or above it: (j, level, count); j = -1
+    if even the tightest has more."""
+    jj = tl.arange(0, L)
+    j = tl.max(tl.where(cnt <= CMAX, jj, -1), axis=0)
+    c = tl.sum(tl.where(jj == j, lv, 0.0), axis=0)
+    n = tl.sum(tl.where(jj == j, cnt, 0), axis=0)
+    return j, c, n
+
+
+@_helper
+def _buffer_mass(cval, n, m, inv_t, CMAX: tl.constexpr):
+    j = tl.arange(0, CMAX)
+    x = tl.load(cval + j, mask=j < n, other=float("-inf"))
+    return tl.sum(tl.exp((x - m) * inv_t), axis=0)
 
 
 @_helper
@@ -269,7 +297,7 @@ def _resolve_tau(cval, n, base_mass, thr, m, inv_t, gt_hi, CMAX: tl.constexpr,
 
 
 @_helper
-def _finish_buffer(cidx, cval, n, row0, tau, m, r, inv_t, u, GREEDY: tl.constexpr,
+def _finish_buffer(cidx, cval, n, row0, tau, m, r, inv_t, u, is_t0, GREEDY: tl.constexpr,
                    CMAX: tl.constexpr):
     """Scores and draw on the buffer (it holds every nucleus token, in vocabulary order)."""
     j = tl.arange(0, CMAX)
@@ -297,7 +325,8 @@ def _finish_buffer(cidx, cval, n, row0, tau, m, r, inv_t, u, GREEDY: tl.constexp
         hit = tl.min(tl.where((cum > u * s_sum) & (w > 0.0), j, NO_IDX), axis=0)
         last = tl.max(tl.where(w > 0.0, j, -1), axis=0)
         # Rounding can leave u * S just above the final running sum: take the last token.
-        pick = tl.where(hit < NO_IDX, hit, last)
+        # T == 0 rows in a sampled batch are greedy.
+        pick = tl.where(is_t0, first, tl.where(hit < NO_IDX, hit, last))
     token = tl.max(tl.where(j == pick, idx, -1), axis=0)
     s_tok = tl.max(tl.where(j == pick, s, float("-inf")), axis=0)
     return token, s_tok, s_max, s_sum, n_in, fallback
@@ -387,147 +416,87 @@ def _finish_stream(rowp, row0, V, tau, m, r, inv_t, u, is_t0, GREEDY: tl.constex
 
 
 @_helper
-def _split_state(ws_f, ws_i, row, p, S, thr, WF, WI, K: tl.constexpr, SP: tl.constexpr):
-    """Split path: the bracket after pass p - 1 (p >= 1), from the state that pass stored
-    and, if it ran, its per-chunk partial sums. Returns (lo, hi, m_hi, c_lo, c_hi, src)."""
-    q = (p - 1) % 2
-    wi = ws_i + row.to(tl.int64) * WI
-    wf = ws_f + row.to(tl.int64) * WF
-    st = wi + S + 2 * S * K + 2 * K + q * ST_SIZE
-    lo = tl.load(st + ST_LO)
-    hi = tl.load(st + ST_HI)
-    c_lo = tl.load(st + ST_CLO)
-    c_hi = tl.load(st + ST_CHI)
-    src = tl.load(st + ST_SRC)
-    m_hi = tl.load(wf + 2 * S + 2 * S * K + q)
-    if tl.load(st + ST_RAN) != 0:
-        ss = tl.arange(0, SP)
-        kk = tl.arange(0, K)
-        at = q * S * K + ss[:, None] * K + kk[None, :]
-        live = ss[:, None] < S
-        mass = tl.sum(tl.load(wf + 2 * S + at, mask=live, other=0.0), axis=0)
-        cnt = tl.sum(tl.load(wi + S + at, mask=live, other=0), axis=0)
-        piv = tl.load(wi + S + 2 * S * K + q * K + kk)
-        lo, hi, m_hi, c_lo, c_hi = _bracket(piv, mass, cnt, thr, K)
-        src = q
-    return lo, hi, m_hi, c_lo, c_hi, src
-
-
-@_helper
-def _split_stats(ws_f, ws_i, row, S, inv_t, WF, WI, SP: tl.constexpr):
-    ss = tl.arange(0, SP)
-    live = ss < S
-    wf = ws_f + row.to(tl.int64) * WF
-    m_s = tl.load(wf + ss, mask=live, other=float("-inf"))
-    z_s = tl.load(wf + S + ss, mask=live, other=0.0)
-    bad = tl.max(tl.load(ws_i + row.to(tl.int64) * WI + ss, mask=live, other=0), axis=0)
-    m = tl.max(m_s, axis=0)
-    ref = tl.where(m == float("-inf"), 0.0, m)
-    zsum = tl.sum(tl.where(m_s > float("-inf"), z_s * tl.exp((m_s - ref) * inv_t), 0.0), axis=0)
-    return m, zsum, bad
-
-
-@_helper
 def _chunk(V, CHUNK):
     s = tl.program_id(1)
     lo_i = s * CHUNK
     return s, lo_i, tl.minimum(lo_i + CHUNK, V)
 
 
+@_helper
+def _split_reduce(ws_f, ws_i, row, S, WF, WI, L: tl.constexpr, SP: tl.constexpr):
+    """Split path: (m, Z, bad, level counts) of a row from its chunks' partials, summed in
+    chunk order (deterministic)."""
+    ss = tl.arange(0, SP)
+    live = ss < S
+    wf = ws_f + row.to(tl.int64) * WF
+    wi = ws_i + row.to(tl.int64) * WI
+    m = tl.max(tl.load(wf + ss, mask=live, other=float("-inf")), axis=0)
+    zsum = tl.sum(tl.load(wf + S + ss, mask=live, other=0.0), axis=0)
+    bad = tl.max(tl.load(wi + ss, mask=live, other=0), axis=0)
+    jj = tl.arange(0, L)
+    cnt = tl.sum(tl.load(wi + S + ss[:, None] * L + jj[None, :], mask=live[:, None], other=0),
+                 axis=0)
+    return m, zsum, bad, cnt
+
+
 # ---------------------------------------------------------------------------- kernels
 @triton.jit
-def la_stats_kernel(zp_ptr, z0_ptr, stride_p, stride_0, t_ptr, t_val, ws_f, ws_i,
-                    V, S, CHUNK, WF, WI, T_PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
-    # Split pass 1: per-chunk (max, rescaled sum, bad) -> workspace.
+def la_max_kernel(zp_ptr, z0_ptr, stride_p, stride_0, ws_f, ws_i, V, CHUNK, WF, WI,
+                  BLOCK: tl.constexpr):
+    # Split pass 1: per-chunk max and bad flag -> workspace.
     row = tl.program_id(0)
     s, lo_i, hi_i = _chunk(V, CHUNK)
-    _, inv_t = _temperature(_row_param(t_ptr, t_val, row, T_PER_ROW))
-    m, zsum, bad = _stats(zp_ptr + row.to(tl.int64) * stride_p, z0_ptr + row.to(tl.int64) * stride_0,
-                          lo_i, hi_i, inv_t, BLOCK)
-    wf = ws_f + row.to(tl.int64) * WF
-    tl.store(wf + s, m)
-    tl.store(wf + S + s, zsum)
+    m, bad = _max_pass(zp_ptr + row.to(tl.int64) * stride_p,
+                       z0_ptr + row.to(tl.int64) * stride_0, lo_i, hi_i, BLOCK)
+    tl.store(ws_f + row.to(tl.int64) * WF + s, m)
     tl.store(ws_i + row.to(tl.int64) * WI + s, bad)
 
 
-@triton.jit(do_not_specialize=["PASS"])
-def la_pivot_kernel(zp_ptr, stride_p, t_ptr, t_val, p_ptr, p_val, ws_f, ws_i,
-                    V, S, CHUNK, WF, WI, PASS,
-                    T_PER_ROW: tl.constexpr, P_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
-                    K: tl.constexpr, CMAX: tl.constexpr, SP: tl.constexpr):
-    # Split pass 2, round PASS: reduce the previous round, store the bracket state, and if
-    # the bracket is still open, this chunk's pivot sums.
+@triton.jit
+def la_ladder_kernel(zp_ptr, stride_p, t_ptr, t_val, ws_f, ws_i, V, S, CHUNK, WF, WI,
+                     T_PER_ROW: tl.constexpr, BLOCK: tl.constexpr, L: tl.constexpr,
+                     SP: tl.constexpr):
+    # Split pass 2: the row max from the chunks, then this chunk's Z and level counts.
     row = tl.program_id(0)
     s, lo_i, hi_i = _chunk(V, CHUNK)
     T = _row_param(t_ptr, t_val, row, T_PER_ROW)
-    top_p = _row_param(p_ptr, p_val, row, P_PER_ROW)
     is_t0, inv_t = _temperature(T)
-    m, zsum, bad = _split_stats(ws_f, ws_i, row, S, inv_t, WF, WI, SP)
-    thr = top_p * zsum
-    cut, lo, hi, need, empty = _search_init(m, T, top_p, is_t0)
-    m_hi = tl.zeros((), tl.float32)
-    c_lo = tl.full((), CMAX + 1, tl.int32)
-    c_hi = tl.zeros((), tl.int32)
-    src = tl.full((), -1, tl.int32)
-    if PASS > 0:
-        lo, hi, m_hi, c_lo, c_hi, src = _split_state(ws_f, ws_i, row, PASS, S, thr, WF, WI, K, SP)
-    go = need & _open(lo, hi, c_lo - c_hi, CMAX)
-    par = PASS % 2
-    wi = ws_i + row.to(tl.int64) * WI
+    ss = tl.arange(0, SP)
     wf = ws_f + row.to(tl.int64) * WF
-    # Every chunk of the row stores the same values here (a benign race).
-    st = wi + S + 2 * S * K + 2 * K + par * ST_SIZE
-    tl.store(st + ST_LO, lo)
-    tl.store(st + ST_HI, hi)
-    tl.store(st + ST_CLO, c_lo)
-    tl.store(st + ST_CHI, c_hi)
-    tl.store(st + ST_RAN, go.to(tl.int32))
-    tl.store(st + ST_SRC, src)
-    tl.store(wf + 2 * S + 2 * S * K + par, m_hi)
-    if go:
-        piv = _pivots(lo, hi, K)
-        kk = tl.arange(0, K)
-        tl.store(wi + S + 2 * S * K + par * K + kk, piv)
-        mass, cnt = _pivot_sums(zp_ptr + row.to(tl.int64) * stride_p, lo_i, hi_i, piv, m,
-                                inv_t, BLOCK, K)
-        at = par * S * K + s * K + kk
-        tl.store(wf + 2 * S + at, mass)
-        tl.store(wi + S + at, cnt)
+    m = tl.max(tl.load(wf + ss, mask=ss < S, other=float("-inf")), axis=0)
+    cut = m - GAP * tl.where(is_t0, 0.0, T)
+    lv = _levels(m, T, is_t0, cut, L)
+    zsum, cnt = _ladder_pass(zp_ptr + row.to(tl.int64) * stride_p, lo_i, hi_i, m, inv_t, lv,
+                             BLOCK, L)
+    tl.store(wf + S + s, zsum)
+    tl.store(ws_i + row.to(tl.int64) * WI + S + s * L + tl.arange(0, L), cnt)
 
 
 @triton.jit
-def la_compact_kernel(zp_ptr, stride_p, t_ptr, t_val, p_ptr, p_val, ws_f, ws_i, cidx_ptr,
-                      cval_ptr, V, S, CHUNK, WF, WI, PASSES,
-                      T_PER_ROW: tl.constexpr, P_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
-                      K: tl.constexpr, CMAX: tl.constexpr, SP: tl.constexpr):
-    # Split compaction: when the split rounds closed the bracket, each chunk copies its keys
-    # at an offset given by the chunks before it, and the smallest key above the bracket.
+def la_compact_kernel(zp_ptr, stride_p, t_ptr, t_val, ws_f, ws_i, cidx_ptr, cval_ptr,
+                      V, S, CHUNK, WF, WI, T_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
+                      L: tl.constexpr, CMAX: tl.constexpr, SP: tl.constexpr):
+    # Split compaction: the level the row's counts allow, then this chunk's logits at or
+    # above it, at the offset given by the chunks before it (vocabulary order).
     row = tl.program_id(0)
     s, lo_i, hi_i = _chunk(V, CHUNK)
     T = _row_param(t_ptr, t_val, row, T_PER_ROW)
-    top_p = _row_param(p_ptr, p_val, row, P_PER_ROW)
     is_t0, inv_t = _temperature(T)
-    m, zsum, bad = _split_stats(ws_f, ws_i, row, S, inv_t, WF, WI, SP)
-    thr = top_p * zsum
-    cut, lo0, hi0, need, empty = _search_init(m, T, top_p, is_t0)
-    lo, hi, m_hi, c_lo, c_hi, src = _split_state(ws_f, ws_i, row, PASSES, S, thr, WF, WI, K, SP)
-    if need & ~_open(lo, hi, c_lo - c_hi, CMAX) & (src >= 0):
-        wi = ws_i + row.to(tl.int64) * WI
-        kk = tl.arange(0, K)
-        piv = tl.load(wi + S + 2 * S * K + src * K + kk)
+    m, zsum, bad, cnt = _split_reduce(ws_f, ws_i, row, S, WF, WI, L, SP)
+    cut = m - GAP * tl.where(is_t0, 0.0, T)
+    lv = _levels(m, T, is_t0, cut, L)
+    j, c, n = _pick_level(cnt, lv, CMAX, L)
+    if (j >= 0) & (m > float("-inf")):
         ss = tl.arange(0, SP)
-        cnt = tl.load(wi + S + src * S * K + ss[:, None] * K + kk[None, :],
-                      mask=ss[:, None] < S, other=0)
-        n_lo = tl.max(tl.where((piv == lo)[None, :], cnt, -1), axis=1)  # [SP]
-        n_hi = tl.max(tl.where((piv == hi)[None, :], cnt, -1), axis=1)
-        whole = c_lo <= CMAX  # every key above lo fits: copy them all
-        n_s = tl.where(whole, n_lo, n_lo - n_hi)
-        base = tl.sum(tl.where(ss < s, n_s, 0), axis=0)
-        top = tl.where(whole, NONE_HI, hi)
-        gmin = _compact(zp_ptr + row.to(tl.int64) * stride_p, lo_i, hi_i, lo, top, hi, base,
-                        cidx_ptr + row.to(tl.int64) * CMAX, cval_ptr + row.to(tl.int64) * CMAX,
-                        CMAX, BLOCK)
-        tl.store(wi + S + 2 * S * K + 2 * K + 2 * ST_SIZE + s, gmin)
+        jj = tl.arange(0, L)
+        wi = ws_i + row.to(tl.int64) * WI
+        per = tl.load(wi + S + ss[:, None] * L + jj[None, :], mask=(ss[:, None] < s) & (jj == j)[None, :],
+                      other=0)
+        base = tl.sum(tl.sum(per, axis=1), axis=0)
+        lo = tl.maximum(_key(c) - 1, KEY_NEGINF)
+        _compact(zp_ptr + row.to(tl.int64) * stride_p, lo_i, hi_i, lo, NONE_HI, NONE_HI, base,
+                 cidx_ptr + row.to(tl.int64) * CMAX, cval_ptr + row.to(tl.int64) * CMAX, CMAX,
+                 BLOCK)
 
 
 # Seeds and offsets change from call to call: never specialise the kernel on their values
@@ -539,12 +508,12 @@ def la_step_kernel(
     u_ptr, seed_ptr, seed_val, off_ptr, off_val,
     tok_ptr, lp_ptr, nsz_ptr, status_ptr,
     cidx_ptr, cval_ptr, ws_f, ws_i,
-    V, S, WF, WI, PASSES, BKEY,
+    V, S, WF, WI, BKEY,
     R_PER_ROW: tl.constexpr, T_PER_ROW: tl.constexpr, P_PER_ROW: tl.constexpr,
     RNG: tl.constexpr, OFF_PER_ROW: tl.constexpr, GREEDY: tl.constexpr,
     SPLIT: tl.constexpr, SP: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, K: tl.constexpr, CMAX: tl.constexpr,
-    JB: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
+    CMAX: tl.constexpr, JB: tl.constexpr,
 ):
     # One program per row. zp, z0: [B, V] (fp32/bf16/fp16, last dim contiguous); outputs:
     # [B]. cidx/cval: [B, CMAX] buffers. RNG: 0 = uniforms given in u_ptr, 1 = one seed
@@ -561,43 +530,52 @@ def la_step_kernel(
     top_p = _row_param(p_ptr, p_val, row, P_PER_ROW)
     is_t0, inv_t = _temperature(T)
 
-    # ---- pass 1 and the start of the search ----
-    if SPLIT:
-        m, zsum, bad = _split_stats(ws_f, ws_i, row, S, inv_t, WF, WI, SP)
+    # ---- passes 1 and 2: max, bad flag, Z and the ladder's counts ----
+    if SPLIT:  # the chunks' partials (la_max_kernel, la_ladder_kernel)
+        m, zsum, bad, cnt = _split_reduce(ws_f, ws_i, row, S, WF, WI, L, SP)
     else:
-        m, zsum, bad = _stats(rowp, row0, 0, V, inv_t, BLOCK)
-    thr = top_p * zsum
+        m, bad = _max_pass(rowp, row0, 0, V, BLOCK)
     cut, lo, hi, need, empty = _search_init(m, T, top_p, is_t0)
-    m_hi = tl.zeros((), tl.float32)
-    c_lo = tl.full((), CMAX + 1, tl.int32)
-    c_hi = tl.zeros((), tl.int32)
-    gt_hi = tl.full((), NONE_HI, tl.int32)
-    here = need  # does this program search and compact (rather than the split launches)?
-    if SPLIT:
-        lo, hi, m_hi, c_lo, c_hi, src = _split_state(ws_f, ws_i, row, PASSES, S, thr, WF,
-                                                     WI, K, SP)
-        here = need & _open(lo, hi, c_lo - c_hi, CMAX)
-        if need & ~here:
-            ss = tl.arange(0, SP)
-            g = ws_i + row.to(tl.int64) * WI + S + 2 * S * K + 2 * K + 2 * ST_SIZE + ss
-            gt_hi = tl.min(tl.load(g, mask=ss < S, other=NONE_HI), axis=0)
+    lv = _levels(m, T, is_t0, cut, L)
+    if not SPLIT:
+        zsum, cnt = _ladder_pass(rowp, 0, V, m, inv_t, lv, BLOCK_P, L)
+    thr = top_p * zsum
 
-    # ---- pass 2: bracket the threshold, then copy the candidates ----
-    if here:
+    # ---- the candidate buffer: every logit at or above the loosest level that fits ----
+    j, c, n = _pick_level(cnt, lv, CMAX, L)
+    use_buf = (j >= 0) & ~empty
+    whole = use_buf & (j < 0)  # (False) does the buffer hold the whole nucleus?
+    n_buf = tl.zeros((), tl.int32)
+    if use_buf:
+        if not SPLIT:  # (split: la_compact_kernel filled it)
+            _compact(rowp, 0, V, tl.maximum(_key(c) - 1, KEY_NEGINF), NONE_HI, NONE_HI,
+                     tl.zeros((), tl.int32), cidx, cval, CMAX, BLOCK)
+            tl.debug_barrier()  # the buffer is read back by other threads of this program
+        # The level holds N if it is the cut, or if its own mass reaches top_p * Z (a token
+        # below it has at least that mass above it, so it is out).
+        whole = (j == L - 1) | (need & (_buffer_mass(cval, n, m, inv_t, CMAX) >= thr))
+        n_buf = n
+    tau = _key(cut)  # top_p >= 1 or T == 0: N is everything from the cut up
+
+    # ---- otherwise (a nucleus of more than CMAX tokens): bracket the threshold ----
+    if need & ~whole:
+        m_hi = tl.zeros((), tl.float32)
+        c_lo = tl.full((), CMAX + 1, tl.int32)
+        c_hi = tl.zeros((), tl.int32)
         while _open(lo, hi, c_lo - c_hi, CMAX):
             piv = _pivots(lo, hi, K)
-            mass, cnt = _pivot_sums(rowp, 0, V, piv, m, inv_t, BLOCK_P, K)
-            lo, hi, m_hi, c_lo, c_hi = _bracket(piv, mass, cnt, thr, K)
-        top = tl.where(c_lo <= CMAX, NONE_HI, hi)
+            mass, pcnt = _pivot_sums(rowp, 0, V, piv, m, inv_t, BLOCK_P, K)
+            lo, hi, m_hi, c_lo, c_hi = _bracket(piv, mass, pcnt, thr, K)
+        whole = c_lo <= CMAX  # every key above lo fits: copy them all
+        top = tl.where(whole, NONE_HI, hi)
         gt_hi = _compact(rowp, 0, V, lo, top, hi, tl.zeros((), tl.int32), cidx, cval, CMAX,
                          BLOCK)
-        tl.debug_barrier()  # the buffer is read back by other threads of this program
-    whole = need & (c_lo <= CMAX)  # the buffer holds every key above lo
-    tau = _key(cut)
-    if need:
+        tl.debug_barrier()
         n_buf = tl.minimum(tl.where(whole, c_lo, c_lo - c_hi), CMAX)
-        base = tl.where(whole, 0.0, m_hi)
-        tau = _resolve_tau(cval, n_buf, base, thr, m, inv_t, gt_hi, CMAX, JB)
+        tau = _resolve_tau(cval, n_buf, tl.where(whole, 0.0, m_hi), thr, m, inv_t, gt_hi,
+                           CMAX, JB)
+    elif need:
+        tau = _resolve_tau(cval, n_buf, 0.0, thr, m, inv_t, NONE_HI, CMAX, JB)
 
     # ---- one uniform per row ----
     u = tl.zeros((), tl.float32)
@@ -624,9 +602,8 @@ def la_step_kernel(
     # ---- pass 3: aligned scores on N and the token ----
     if whole:
         token, s_tok, s_max, s_sum, n_in, fallback = _finish_buffer(
-            cidx, cval, c_lo, row0, tau, m, r, inv_t, u, GREEDY, CMAX)
+            cidx, cval, n_buf, row0, tau, m, r, inv_t, u, is_t0, GREEDY, CMAX)
     else:
-        # (T == 0 rows always come here: they need no search.)
         token, s_tok, s_max, s_sum, n_in, fallback = _finish_stream(
             rowp, row0, V, tau, m, r, inv_t, u, is_t0, GREEDY, BLOCK)
 
@@ -643,9 +620,9 @@ def la_step_kernel(
 
 # ---------------------------------------------------------------------------- launcher
 K_PIVOTS = 16  # pivots per bracketing pass (2 ends, 7 in key space, 7 in value)
-CMAX_BUF = 256  # candidate buffer per row
-JB_TAU = 16  # candidates resolved at once in _resolve_tau
-SPLIT_PASSES = 3  # split bracketing rounds before the per-row kernel takes over
+LEVELS = 16  # ladder levels of the candidate pass
+CMAX_BUF = 1024  # candidate buffer per row (a nucleus up to about 1000 tokens is scored there)
+JB_TAU = 8  # candidates resolved at once in _resolve_tau ([JB, CMAX] in registers)
 SPLIT_BLOCK = 1024
 MIN_CHUNK = 2048  # smallest chunk of a row worth its own program
 
@@ -726,52 +703,50 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
     dev = logits_p.device
     zp = logits_p if logits_p.stride(-1) == 1 else logits_p.contiguous()
     z0 = logits_0 if logits_0.stride(-1) == 1 else logits_0.contiguous()
-    tokens = torch.empty(B, device=dev, dtype=torch.int64)
-    logprobs = torch.empty(B, device=dev, dtype=torch.float32)
-    nsz = torch.empty(B, device=dev, dtype=torch.int32)
-    status = torch.empty(B, device=dev, dtype=torch.int32)
     if B == 0:
-        return tokens, logprobs, nsz, status
+        return (torch.empty(0, device=dev, dtype=torch.int64),
+                torch.empty(0, device=dev, dtype=torch.float32),
+                torch.empty(0, device=dev, dtype=torch.int32),
+                torch.empty(0, device=dev, dtype=torch.int32))
     r_t, r_v, r_row = _param(ratio, dev, torch.float32)
     t_t, t_v, t_row = _param(temperature, dev, torch.float32)
     p_t, p_v, p_row = _param(top_p, dev, torch.float32)
     o_t, o_v, o_row = _param(offset, dev, torch.int64)
-    dummy_i = _dummy(dev, torch.int64)
+    dummy_i, dummy_f = _dummy(dev, torch.int64), _dummy(dev, torch.float32)
     if greedy:
-        rng, u_t, s_t, s_v = 0, logprobs, dummy_i, 0
+        rng, u_t, s_t, s_v = 0, dummy_f, dummy_i, 0
     elif u is not None:
         rng, u_t, s_t, s_v = 0, u.to(device=dev, dtype=torch.float32).contiguous(), dummy_i, 0
     elif isinstance(seed, torch.Tensor):
         s_t = seed.to(device=dev, dtype=torch.int64).contiguous()
-        rng, u_t, s_v = (3 if seed.dim() == 0 else 2), logprobs, 0
+        rng, u_t, s_v = (3 if seed.dim() == 0 else 2), dummy_f, 0
     else:
-        rng, u_t, s_t, s_v = 1, logprobs, dummy_i, int(seed)
+        rng, u_t, s_t, s_v = 1, dummy_f, dummy_i, int(seed)
     S = plan_split(B, V, dev) if split is None else int(split)
     chunk = triton.cdiv(triton.cdiv(V, max(S, 1)), split_block) * split_block
     S = triton.cdiv(V, chunk) if S > 1 else 1
-    K, CMAX = pivots, cmax
+    K, L, CMAX = pivots, LEVELS, cmax
     SP = triton.next_power_of_2(S)
-    WF = 2 * S + 2 * S * K + 2
-    WI = S + 2 * S * K + 2 * K + 16 + S
-    ws_f = torch.empty(B * WF, device=dev, dtype=torch.float32)
-    ws_i = torch.empty(B * WI, device=dev, dtype=torch.int32)
-    cbuf = torch.empty(2 * B * CMAX, device=dev, dtype=torch.int32)
-    cidx, cval = cbuf[:B * CMAX], cbuf[B * CMAX:].view(torch.float32)
+    WF, WI = 2 * S, S + S * L
+    tokens = torch.empty(B, device=dev, dtype=torch.int64)
+    logprobs = torch.empty(B, device=dev, dtype=torch.float32)
+    nsz = torch.empty(B, device=dev, dtype=torch.int32)
+    status = torch.empty(B, device=dev, dtype=torch.int32)
+    # The workspace and the candidate buffer in one allocation (the outputs stay separate
+    # tensors: a custom op's outputs may not alias each other).
+    sizes = [B * WF, B * WI, B * CMAX, B * CMAX]
+    ws_f, ws_i, cidx, cval = torch.empty(sum(sizes), device=dev, dtype=torch.int32).split(sizes)
+    ws_f, cval = ws_f.view(torch.float32), cval.view(torch.float32)
     if S > 1:
         grid = (B, S)
-        la_stats_kernel[grid](zp, z0, zp.stride(0), z0.stride(0), t_t, float(t_v), ws_f, ws_i,
-                              V, S, chunk, WF, WI, T_PER_ROW=t_row, BLOCK=split_block,
-                              num_warps=4)
-        for p in range(SPLIT_PASSES):
-            la_pivot_kernel[grid](zp, zp.stride(0), t_t, float(t_v), p_t, float(p_v), ws_f,
-                                  ws_i, V, S, chunk, WF, WI, p, T_PER_ROW=t_row,
-                                  P_PER_ROW=p_row, BLOCK=min(256, split_block), K=K,
-                                  CMAX=CMAX, SP=SP,
-                                  num_warps=4)
-        la_compact_kernel[grid](zp, zp.stride(0), t_t, float(t_v), p_t, float(p_v), ws_f, ws_i,
-                                cidx, cval, V, S, chunk, WF, WI, SPLIT_PASSES, T_PER_ROW=t_row,
-                                P_PER_ROW=p_row, BLOCK=split_block, K=K, CMAX=CMAX, SP=SP,
-                                num_warps=4)
+        la_max_kernel[grid](zp, z0, zp.stride(0), z0.stride(0), ws_f, ws_i, V, chunk, WF, WI,
+                            BLOCK=split_block, num_warps=4)
+        la_ladder_kernel[grid](zp, zp.stride(0), t_t, float(t_v), ws_f, ws_i, V, S, chunk, WF,
+                               WI, T_PER_ROW=t_row, BLOCK=min(256, split_block), L=L, SP=SP,
+                               num_warps=4)
+        la_compact_kernel[grid](zp, zp.stride(0), t_t, float(t_v), ws_f, ws_i, cidx, cval, V, S,
+                                chunk, WF, WI, T_PER_ROW=t_row, BLOCK=split_block, L=L,
+                                CMAX=CMAX, SP=SP, num_warps=4)
     if block is None:
         kernel, cfg = la_step_tuned, {}
     else:
@@ -782,9 +757,9 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
         u_t, s_t, s_v, o_t, int(o_v),
         tokens, logprobs, nsz, status,
         cidx, cval, ws_f, ws_i,
-        V, S, WF, WI, SPLIT_PASSES, triton.next_power_of_2(B),
+        V, S, WF, WI, triton.next_power_of_2(B),
         R_PER_ROW=r_row, T_PER_ROW=t_row, P_PER_ROW=p_row,
         RNG=rng, OFF_PER_ROW=o_row, GREEDY=bool(greedy),
-        SPLIT=S > 1, SP=SP, K=K, CMAX=CMAX, JB=min(JB_TAU, CMAX), **cfg,
+        SPLIT=S > 1, SP=SP, K=K, L=L, CMAX=CMAX, JB=min(JB_TAU, CMAX), **cfg,
     )
     return tokens, logprobs, nsz, status

@@ -35,6 +35,7 @@ check
     no host synchronisation; such rows still get a valid token id and ``Status.BAD_INPUT``.
 """
 import enum
+import math
 from typing import NamedTuple
 
 import torch
@@ -83,6 +84,14 @@ RULES = {
 }
 
 
+#: The same rules for Python numbers (no tensor ops: a step's fixed cost matters eagerly).
+_NUMBER_RULES = {
+    "ratio": math.isfinite,
+    "temperature": lambda t: math.isfinite(t) and t >= 0,
+    "top_p": lambda p: 0 < p <= 1,
+}
+
+
 def _param(name, x, B, device, check, valid, expected):
     """Validate a number or a [B] tensor; return it (tensors as fp32 on ``device``).
 
@@ -110,9 +119,10 @@ def _param(name, x, B, device, check, valid, expected):
             return x
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name} must be a number or a [B] tensor; got {type(x).__name__}")
-    if not bool(valid(torch.tensor(float(x)))):
+    x = float(x)
+    if not _NUMBER_RULES[name](x):
         raise ValueError(f"{name} must be {expected}; got {x}")
-    return float(x)
+    return x
 
 
 def _int_param(name, x, B, device, check=True):

@@ -34,21 +34,19 @@ def build(kernel, const, warps):
     assert len(k.asm["cubin"]) > 0
 
 
-K, CMAX = ks.K_PIVOTS, ks.CMAX_BUF
+K, L, CMAX = ks.K_PIVOTS, ks.LEVELS, ks.CMAX_BUF
 configs = [(c.kwargs["BLOCK"], c.kwargs["BLOCK_P"], c.num_warps) for c in ks._CONFIGS]
 variants = ((True, 0, False, False), (False, 0, True, True), (False, 1, False, False),
-            (False, 2, True, True))
+            (False, 2, True, True), (False, 3, False, True))
 for i, (greedy, rng, per_row, split) in enumerate(variants):
     blk, blk_p, warps = configs[i % len(configs)]  # every autotune config, every variant kind
     build(ks.la_step_kernel, dict(R_PER_ROW=per_row, T_PER_ROW=per_row, P_PER_ROW=per_row,
                                   RNG=rng, OFF_PER_ROW=per_row, GREEDY=greedy, SPLIT=split,
-                                  SP=32, BLOCK=blk, BLOCK_P=blk_p, K=K, CMAX=CMAX,
+                                  SP=32, BLOCK=blk, BLOCK_P=blk_p, K=K, L=L, CMAX=CMAX,
                                   JB=ks.JB_TAU), warps)
-build(ks.la_stats_kernel, dict(T_PER_ROW=True, BLOCK=1024), 4)
-build(ks.la_pivot_kernel, dict(T_PER_ROW=False, P_PER_ROW=True, BLOCK=256, K=K, CMAX=CMAX,
-                               SP=64), 4)
-build(ks.la_compact_kernel, dict(T_PER_ROW=True, P_PER_ROW=False, BLOCK=1024, K=K,
-                                 CMAX=CMAX, SP=64), 4)
+build(ks.la_max_kernel, dict(BLOCK=1024), 4)
+build(ks.la_ladder_kernel, dict(T_PER_ROW=True, BLOCK=256, L=L, SP=64), 4)
+build(ks.la_compact_kernel, dict(T_PER_ROW=False, BLOCK=1024, L=L, CMAX=CMAX, SP=64), 4)
 print("compiled")
 """
 
