@@ -7,17 +7,7 @@
 # gpu_suite.sh (the full run). Usage: bash benchmarks/gpu_quick.sh OUTDIR
 set -u
 out=${1:?usage: bash benchmarks/gpu_quick.sh OUTDIR}
-mkdir -p "$out"
-: > "$out/status.txt"
-export PYTHONUNBUFFERED=1
-stage() {
-    local name=$1 cap=$2; shift 2
-    echo "== $name: $*"
-    timeout "$cap" "$@" > "$out/$name.log" 2>&1
-    local rc=$?
-    echo "$name $rc" >> "$out/status.txt"
-    tail -n 25 "$out/$name.log"
-}
+source "$(dirname "$0")/gpu_stages.sh"
 stage install 25 python -m pip install --no-deps --no-build-isolation -e .
 stage step 75 python benchmarks/bench_step.py --grid --dtypes bfloat16 --B 1,8,64,256 \
     --V 128256,32000 --providers triton,triton-graph,authors --time-limit 60 \

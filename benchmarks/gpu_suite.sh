@@ -17,17 +17,7 @@
 # SmolLM2) runs on CPU machines only.
 set -u
 out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
-mkdir -p "$out"
-: > "$out/status.txt"
-export PYTHONUNBUFFERED=1
-stage() {  # stage NAME SECONDS COMMAND...: run under a cap, log to OUTDIR/NAME.log
-    local name=$1 cap=$2; shift 2
-    echo "== $name: $*"
-    timeout "$cap" "$@" > "$out/$name.log" 2>&1
-    local rc=$?
-    echo "$name $rc" >> "$out/status.txt"
-    tail -n 20 "$out/$name.log"
-}
+source "$(dirname "$0")/gpu_stages.sh"
 stage device 10 nvidia-smi
 install() {  # the interpreter's own pip (a bare `pip` may belong to another Python)
     python -m pip install --no-deps --no-build-isolation -e . &&

@@ -333,6 +333,17 @@ def _finish_buffer(cidx, cval, n, row0, tau, m, r, inv_t, u, is_t0, GREEDY: tl.c
 
 
 @_helper
+def _draw_scores(rowp, row0, offs, V, tau, fallback, r_eff):
+    # One block's scores for the draw: aligned on N (plain on N for a fallback row).
+    msk = offs < V
+    x = _load_row(rowp, offs, msk)
+    in_n = msk & (_key(x) >= tau) & (x > float("-inf"))
+    y = _load_row(row0, offs, in_n)
+    ok = tl.where(fallback, in_n, in_n & (y > float("-inf")))
+    return tl.where(ok, _aligned(x, y, r_eff), float("-inf"))
+
+
+@_helper
 def _finish_stream(rowp, row0, V, tau, m, r, inv_t, u, is_t0, GREEDY: tl.constexpr,
                    BLOCK: tl.constexpr):
     """Scores and draw streaming over the whole row (a nucleus too large for the buffer)."""
@@ -379,12 +390,7 @@ def _finish_stream(rowp, row0, V, tau, m, r, inv_t, u, is_t0, GREEDY: tl.constex
         start = tl.zeros((), tl.int32)
         while (start < V) & (pick == NO_IDX):
             offs = start + cols
-            msk = offs < V
-            x = _load_row(rowp, offs, msk)
-            in_n = msk & (_key(x) >= tau) & (x > float("-inf"))
-            y = _load_row(row0, offs, in_n)
-            ok = tl.where(fallback, in_n, in_n & (y > float("-inf")))
-            s = tl.where(ok, _aligned(x, y, r_eff), float("-inf"))
+            s = _draw_scores(rowp, row0, offs, V, tau, fallback, r_eff)
             w = tl.exp((s - s_max) * inv_t)
             cum = carry + tl.cumsum(w, axis=0)
             hit = tl.min(tl.where((cum > target) & (w > 0.0), offs, NO_IDX), axis=0)
@@ -398,12 +404,7 @@ def _finish_stream(rowp, row0, V, tau, m, r, inv_t, u, is_t0, GREEDY: tl.constex
             last_s_l = tl.full((BLOCK,), float("-inf"), tl.float32)
             for start2 in range(0, V, BLOCK):
                 offs = start2 + cols
-                msk = offs < V
-                x = _load_row(rowp, offs, msk)
-                in_n = msk & (_key(x) >= tau) & (x > float("-inf"))
-                y = _load_row(row0, offs, in_n)
-                ok = tl.where(fallback, in_n, in_n & (y > float("-inf")))
-                s = tl.where(ok, _aligned(x, y, r_eff), float("-inf"))
+                s = _draw_scores(rowp, row0, offs, V, tau, fallback, r_eff)
                 live = tl.exp((s - s_max) * inv_t) > 0.0
                 last_s_l = tl.where(live, s, last_s_l)
                 last_l = tl.where(live, offs, last_l)

@@ -429,12 +429,7 @@ class LinearAligner:
         # rows: R prompt id lists -> logits [R, V] of each row's last prompt position
         dev = self.device
         L = max(len(r) for r in rows)
-        ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), L + max_new_tokens), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, L - len(r):] = torch.tensor(r)
-            mask[i, L - len(r):] = 1
-        mask[:, L:] = 1
+        ids, mask = _left_pad(rows, self.pad_id, L, max_new_tokens)
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask[:, :L].cumsum(-1) - 1).clamp(min=0)
         from transformers import DynamicCache
@@ -674,12 +669,7 @@ class LinearAligner:
             s = self._fast_session(G, B, L, N, greedy, want_logprobs, backend, dev)
             s.busy = True
             try:
-                ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(rows), L + N), dtype=torch.long)
-                for i, x in enumerate(rows):
-                    ids[i, L - len(x):] = torch.tensor(x)
-                    mask[i, L - len(x):] = 1
-                mask[:, L:] = 1
+                ids, mask = _left_pad(rows, self.pad_id, L, N)
                 s.mask.copy_(mask)
                 pos = (s.mask[:, :L].cumsum(-1) - 1).clamp(min=0)
                 s.pos.copy_(pos[:, -1] + 1)
@@ -792,6 +782,18 @@ def _decode_text(tokenizer, ids) -> str:
     # No clean-up of spaces: it rewrites earlier text (streamed pieces must add up) and is
     # meant for WordPiece vocabularies, not the byte-level BPE of causal LMs.
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _left_pad(rows, pad_id, L, new_tokens):
+    """Prompt ids left-padded to L ([R, L]) and the attention mask over the prompt and the
+    tokens to come ([R, L + new_tokens]), on the CPU."""
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), L + new_tokens), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = torch.tensor(r)
+        mask[i, L - len(r):] = 1
+    mask[:, L:] = 1
+    return ids, mask
 
 
 def _sync(dev):
