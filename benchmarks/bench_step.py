@@ -399,6 +399,43 @@ def report(csv_path):
         print()
 
 
+def host_overhead(calls=2000):
+    """The fixed Python cost of a step (argument checks, parameter tensors, workspace,
+    launch arguments), without the launches themselves (replaced by no-ops) or Triton's own
+    launcher cost. Runs anywhere (CPU tensors)."""
+    import linalign.kernels.step as ks
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    names = ["la_max_kernel", "la_ladder_kernel", "la_compact_kernel", "la_step_tuned",
+             "la_step_kernel"]
+    saved = {n: getattr(ks, n) for n in names}
+    zp, z0 = two_branch(1, 32000, seed=0)
+    try:
+        for n in names:
+            setattr(ks, n, NoLaunch())
+        cases = [
+            ("linalign.step (checks, then kernels.la_step)",
+             lambda: linalign.step(zp, z0, **SETTING, seed=0, check=False, backend="triton")),
+            ("kernels.la_step, fused (1 launch)",
+             lambda: ks.la_step(zp, z0, 3.0, 0.5, 0.8, greedy=False, seed=0, split=1)),
+            ("kernels.la_step, split (4 launches)",
+             lambda: ks.la_step(zp, z0, 3.0, 0.5, 0.8, greedy=False, seed=0, split=4)),
+        ]
+        for label, f in cases:
+            for _ in range(100):
+                f()
+            t = time.perf_counter()
+            for _ in range(calls):
+                f()
+            print(f"{label}: {(time.perf_counter() - t) / calls * 1e6:.0f} us per call")
+    finally:
+        for n, k in saved.items():
+            setattr(ks, n, k)
+
+
 def _ints(text):
     return tuple(int(x) for x in text.split(","))
 
@@ -427,11 +464,16 @@ def main(argv=None):
                     "(default 1.2,2.0: a 0.8 nucleus of 3 to ~450 tokens; 1.0,1.0: flat rows)")
     ap.add_argument("--report", metavar="CSV", help="print the latest run in CSV as a "
                     "markdown table and exit")
+    ap.add_argument("--host-overhead", action="store_true", help="time the Python cost of one "
+                    "linalign.step call on the triton backend with the kernel launches "
+                    "replaced by no-ops (CPU tensors, B = 1, V = 32000) and exit")
     ap.add_argument("--summary", metavar="CSV", help="print the summary table of the latest "
                     "run in CSV (triton against the floor and the baselines) and exit")
     args = ap.parse_args(argv)
     if args.report:
         return report(args.report)
+    if args.host_overhead:
+        return host_overhead()
     if args.summary:
         return summary(_latest(args.summary))
     device = torch.device(args.device)
