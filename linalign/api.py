@@ -20,11 +20,12 @@ top_p
 greedy
     True: the token is the argmax of the aligned scores on the nucleus (lowest id on a tie).
 generator, seed, offset
-    Randomness for sampling. ``seed``: an int in [0, 2**63) or a [B] int64 tensor of per-row
-    seeds; the draw for a row comes from Triton's Philox stream keyed by the seed, with
-    counter (row, offset) for one int seed and (0, offset) for per-row seeds, identical on
-    every backend. ``offset`` (int or [B] tensor): advance it every decoding step (e.g. the
-    position), or every step draws the same uniform. ``generator``: a ``torch.Generator`` on
+    Randomness for sampling. ``seed``: an int in [0, 2**63) (or a 0-d int64 tensor: with
+    ``check=False`` and on the logits' device it is read in the kernel, not by the host) or
+    a [B] int64 tensor of per-row seeds; the draw for a row comes from Triton's Philox stream
+    keyed by the seed, with counter (row, offset) for one seed and (0, offset) for per-row
+    seeds, identical on every backend. ``offset`` (int, 0-d or [B] tensor): advance it every
+    decoding step (e.g. the position), or every step draws the same uniform. ``generator``: a ``torch.Generator`` on
     the logits' device, used when no seed is given (default: torch's global generator).
 backend
     "auto" (CUDA tensors -> "triton", CPU tensors -> "torch"), "triton", "torch",
