@@ -623,13 +623,15 @@ def la_step_kernel(
 K_PIVOTS = 16  # pivots per bracketing pass (2 ends, 7 in key space, 7 in value)
 LEVELS = 16  # ladder levels of the candidate pass
 CMAX_BUF = 1024  # candidate buffer per row (a nucleus up to about 1000 tokens is scored there)
-JB_TAU = 8  # candidates resolved at once in _resolve_tau ([JB, CMAX] in registers)
+# Candidates resolved at once in _resolve_tau: [JB, CMAX] in registers on a GPU; the
+# interpreter pays per op, not per element, so it takes large slices.
+JB_TAU = 128 if INTERPRETED else 8
 SPLIT_BLOCK = 1024
 MIN_CHUNK = 2048  # smallest chunk of a row worth its own program
 
 if INTERPRETED:
     # The interpreter costs per executed op: few, large blocks; autotune needs a GPU.
-    _CONFIGS = [triton.Config(dict(BLOCK=2048, BLOCK_P=256), num_warps=4)]
+    _CONFIGS = [triton.Config(dict(BLOCK=4096, BLOCK_P=2048), num_warps=4)]
 else:
     _CONFIGS = [triton.Config(dict(BLOCK=1024, BLOCK_P=128), num_warps=4),
                 triton.Config(dict(BLOCK=2048, BLOCK_P=256), num_warps=8)]
