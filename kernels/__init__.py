@@ -2,13 +2,9 @@
 
 Importing this package imports Triton and defines the kernels; nothing touches a device
 until a kernel is launched. On a machine without a GPU, set ``TRITON_INTERPRET=1`` before
-the first import to run the kernels through Triton's interpreter.
+the first import to run the kernels through Triton's interpreter (decoration time decides;
+``INTERPRETED`` remembers what it was).
 """
-import os
-
-from .step import la_step, la_step_kernel
-
-# Decoration time decides whether a kernel is interpreted; remember what it was.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .step import INTERPRETED, la_step, la_step_kernel
 
 __all__ = ["la_step", "la_step_kernel", "INTERPRETED"]
