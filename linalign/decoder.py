@@ -44,6 +44,25 @@ FAST_WARMUP_STEPS = 2
 FAST_SESSIONS = 4
 
 
+class BatchTooLargeError(MemoryError):
+    """The device ran out of memory during prefill or decoding. The message says the batch
+    and suggests what to lower; the aligner stays usable (see docs/errors.md)."""
+
+
+def _is_oom(e: BaseException) -> bool:
+    # torch.OutOfMemoryError (CUDA, also torch.cuda.OutOfMemoryError); on the CPU the
+    # allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory")
+    if isinstance(e, MemoryError) and not isinstance(e, BatchTooLargeError):
+        return True
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if oom is not None and isinstance(e, oom):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or
+                                            "DefaultCPUAllocator" in text or
+                                            "out of memory" in text.lower())
+
+
 @dataclass
 class GenerationResult:
     """What ``generate`` returns. Lists have one entry per prompt, in input order.
@@ -108,9 +127,12 @@ def _check_params(B, ratio, temperature, top_p, max_new_tokens, mode):
             raise ValueError(f"{name} must be {expected}; got "
                              f"{values[name][int(bad.nonzero()[0])]}")
     r, T, p = values["ratio"], values["temperature"], values["top_p"]
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-            or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise TypeError(f"max_new_tokens must be an int >= 0; got {max_new_tokens!r} "
+                        f"({type(max_new_tokens).__name__})")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0; got {max_new_tokens} "
+                         "(0 returns empty answers without running the model)")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     return r, T, p
@@ -141,9 +163,13 @@ def _id_rows(name, rows, vocab) -> list[list[int]]:
     if isinstance(rows, torch.Tensor):
         rows = rows.tolist() if rows.dim() == 2 else [rows.tolist()]
     rows = [list(map(int, r.tolist() if isinstance(r, torch.Tensor) else r)) for r in rows]
+    if not rows:
+        raise ValueError(f"no prompts given: {name} has no rows (pass one list of prompt ids "
+                         "per prompt)")
     for i, r in enumerate(rows):
         if not r:
-            raise ValueError(f"{name}[{i}] is empty: every prompt needs at least one token")
+            raise ValueError(f"{name}[{i}] is empty: every prompt needs at least one token "
+                             "(a row of prompt ids per prompt)")
         # An id outside the embedding would fail deep in the model (on a GPU, as a
         # device-side assert that breaks the CUDA context): refuse it here.
         if min(r) < 0 or max(r) >= vocab:
@@ -220,7 +246,10 @@ class LinearAligner:
         pad = tokenizer.pad_token_id
         if pad is None:
             if not self.eos_ids:
-                raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token")
+                raise ValueError("the tokenizer has neither a pad nor an end-of-sequence "
+                                 "token (pad_token_id and eos_token_id are None, and so is "
+                                 "the model's eos_token_id): set tokenizer.pad_token_id or "
+                                 "model.generation_config.eos_token_id")
             pad = self.eos_ids[0]
         self.pad_id = int(pad)
         params = inspect.signature(model.forward).parameters
@@ -369,6 +398,9 @@ class LinearAligner:
         _check_params(B, a["ratio"], a["temperature"], a["top_p"], a["max_new_tokens"],
                       a["mode"])
         self._check_fast(a["fast"], a["mode"])
+        if a["seed"] is not None:
+            _row_seeds(a["seed"], B, a["greedy"])
+        self._check_length([ids_with, ids_without], a["max_new_tokens"])
         steps = self._decode([ids_with, ids_without], a["ratio"], a["temperature"],
                              a["top_p"], a["greedy"], a["max_new_tokens"], a["seed"],
                              a["mode"], a["return_logprobs"], a["backend"], a["fast"])
@@ -377,20 +409,23 @@ class LinearAligner:
     def _pieces(self, steps, B, single):
         texts = [_Detok(self.tokenizer) for _ in range(B)]
         done = [False] * B
-        while True:
-            try:
-                tokens = next(steps).tolist()
-            except StopIteration as stop:
-                result = stop.value
-                break
-            for row, tok in enumerate(tokens):
-                if done[row]:
-                    continue
-                if tok in self.eos_ids:
-                    done[row] = True
-                piece = texts[row].add(tok)
-                if piece:
-                    yield piece if single else (row, piece)
+        try:
+            while True:
+                try:
+                    tokens = next(steps).tolist()
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                for row, tok in enumerate(tokens):
+                    if done[row]:
+                        continue
+                    if tok in self.eos_ids:
+                        done[row] = True
+                    piece = texts[row].add(tok)
+                    if piece:
+                        yield piece if single else (row, piece)
+        finally:  # stopped early (close, break, an error in the consumer's loop): end the
+            steps.close()  # loop now, so a fast=True session is free again at once
         for row in range(B):
             piece = texts[row].flush(result.texts[row])
             if piece:
@@ -406,14 +441,15 @@ class LinearAligner:
                     return stop.value
         width = max(len(r) for r in prompt_rows)
         first = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in prompt_rows])
-        streamer.put(first)
         try:
+            streamer.put(first)
             while True:
                 try:
                     streamer.put(next(steps).cpu())
                 except StopIteration as stop:
                     return stop.value
         finally:
+            steps.close()  # a streamer that raised: end the loop (frees a fast session)
             streamer.end()
 
     @property
@@ -456,6 +492,32 @@ class LinearAligner:
 
     def _decode(self, groups, ratio, temperature, top_p, greedy, max_new_tokens, seed, mode,
                 want_logprobs, backend, fast=False):
+        """``_decode_steps``, with running out of memory turned into ``BatchTooLargeError``
+        (the batch, the lengths and what to lower). The failed call's tensors are released
+        before the error is raised, so the aligner stays usable."""
+        try:
+            return (yield from self._decode_steps(groups, ratio, temperature, top_p, greedy,
+                                                  max_new_tokens, seed, mode, want_logprobs,
+                                                  backend, fast))
+        except BaseException as e:  # noqa: B036 - re-raised at once unless it is an OOM
+            if not _is_oom(e):
+                raise
+            what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        # outside the except block: the old traceback (and the tensors its frames hold) is
+        # gone before the cache is emptied and the new error is raised
+        G, B = len(groups), len(groups[0])
+        longest = max(len(r) for g in groups for r in g)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise BatchTooLargeError(
+            f"out of memory decoding {B} prompt(s) ({G * B} rows of up to {longest} prompt "
+            f"tokens + max_new_tokens={max_new_tokens}, mode={mode!r}, fast={fast}): pass "
+            f"fewer prompts per call (e.g. {max(1, B // 2)}), a lower max_new_tokens or "
+            f"shorter prompts; fast=True keeps up to {FAST_SESSIONS} static caches, "
+            f"aligner.clear_fast_cache() frees them ({what})") from None
+
+    def _decode_steps(self, groups, ratio, temperature, top_p, greedy, max_new_tokens, seed,
+                      mode, want_logprobs, backend, fast=False):
         """Generator: yields each step's tokens [B] (pad for finished rows) on the device and
         returns the GenerationResult. groups: G lists of B prompt id lists (G = 2: with and
         without the principle; G = 1: plain decoding of one branch)."""
@@ -731,12 +793,23 @@ class LinearAligner:
                                 {"status": status})
 
     def _check_length(self, groups, max_new_tokens):
+        """Before any compute: every row's prompt plus max_new_tokens fits the model's
+        positions (max_position_embeddings; a model without it is not checked)."""
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        longest = max(len(r) for g in groups for r in g)
-        if limit is not None and longest + max_new_tokens > limit:
-            raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens="
-                             f"{max_new_tokens} exceeds the model's context of {limit} "
-                             "positions")
+        if limit is None:
+            return
+        names = ["with the principle", "without the principle"] if len(groups) == 2 else \
+            ["plain"]
+        for i in range(len(groups[0])):
+            g = max(range(len(groups)), key=lambda g: len(groups[g][i]))
+            n = len(groups[g][i])
+            if n + max_new_tokens > limit:
+                raise ValueError(
+                    f"prompt {i} ({names[g]} branch) has {n} tokens; {n} + max_new_tokens="
+                    f"{max_new_tokens} = {n + max_new_tokens} positions exceeds the model's "
+                    f"context of {limit} positions (max_position_embeddings): shorten the "
+                    f"prompt or the principle, or lower max_new_tokens to at most "
+                    f"{max(0, limit - n)}")
 
 
 class _Detok:
@@ -769,12 +842,20 @@ def _texts(name, value, n=None) -> list[str]:
                         f"{type(value).__name__}")
     value = list(value)
     if not value:
-        raise ValueError(f"no {name}s given")
+        raise ValueError(f"no {name}s given: pass a string or a non-empty list of strings")
     if n is not None and len(value) != n:
-        raise ValueError(f"{len(value)} {name}s for {n} prompts")
+        raise ValueError(f"{len(value)} {name}s for {n} prompts: pass one {name}, or one "
+                         "per prompt")
     for i, v in enumerate(value):
         if not v.strip():
-            raise ValueError(f"{name} {i} is empty")
+            if name == "principle":
+                raise ValueError(
+                    f"principle {i} is empty (or only whitespace): both branches would be "
+                    "the same conversation and Linear Alignment would change nothing; give "
+                    "the principle in plain words (decoding without any principle: "
+                    "generate_plain with principle=None)")
+            raise ValueError(f"{name} {i} is empty (or only whitespace): give the user's "
+                             "message (generate_ids takes any non-empty prompt ids)")
     return value
 
 
