@@ -3,7 +3,8 @@
     linalign generate "How do I cook rice?" --principle "Answer like a pirate."
 
 prints the aligned answer of the embedded SmolLM2-135M-Instruct, offline. Bad arguments end
-with exit code 2 and one line on stderr, never a traceback.
+with exit code 2 and one line on stderr, never a traceback; running out of memory ends with
+exit code 1 and one line. See docs/errors.md.
 """
 from __future__ import annotations
 
@@ -171,6 +172,10 @@ def main(argv=None) -> int:
     except ValueError as e:  # bad values found past the parser, a model that does not load
         print(f"linalign: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError as e:  # BatchTooLargeError: the message says what to lower
+        print(f"linalign: error: {str(e).splitlines()[0] if str(e) else 'out of memory'}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("linalign: interrupted", file=sys.stderr)
         return 130
