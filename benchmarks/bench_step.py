@@ -9,6 +9,7 @@ and appends one row per measurement to a CSV under benchmarks/results/):
     python benchmarks/bench_step.py --report benchmarks/results/step_cpu.csv  # as markdown
     python benchmarks/bench_step.py --grid --out step_cuda.csv --time-limit 140   # the GPU grid
     python benchmarks/bench_step.py --summary step_cuda.csv   # the grid's summary table again
+    python benchmarks/bench_step.py --host-overhead           # a call's own Python cost
 
 As pytest-benchmark tests (CPU grid: B = 1 and 8, V = 49152):
 
@@ -30,8 +31,9 @@ timed run, which evicts the 50 MB L2, so every run reads its logits from HBM: no
 input buffers is needed.
 
 --grid (for the GPU): B in {1, 8, 32, 64, 256} x V in {32000, 128256, 152064, 262144} x
---dtypes (default bfloat16,float32) x {greedy, sample}; providers triton, authors (eager),
-reference-compiled and torch. Short do_bench (warm-up 5 ms, 20 ms of runs) to keep the
+--dtypes (default bfloat16,float32) x {greedy, sample}; providers triton, triton-graph (the
+same call captured once in a CUDA graph and timed by replay: the launches' device time
+without Python's), authors (eager), reference-compiled and torch. Short do_bench (warm-up 5 ms, 20 ms of runs) to keep the
 whole grid near two minutes on an H100. "torch" (tens of host-synchronising kernels, ms per
 call on a GPU) runs only where B * V <= 64 * 128256; the per-row "reference" does not run in
 the grid (about 1 ms per row on a GPU). Rows: a pool of 64 rows per V drawn once (seed V) in
@@ -40,8 +42,8 @@ L2 is flushed between runs). torch.compile compiles one graph per (dtype, mode, 
 not): 8 graphs for the default grid, each timed as its first call and reported. Every CSV
 row carries ``floor_us``, the bandwidth floor ``2 * B * V * bytes / 3.0e12`` s (both
 branches read once at the H100's measured 3.0 TB/s). The summary table, printed last (and
-by --summary), gives per (dtype, mode, B, V): triton us, floor us, triton / floor,
-authors / triton and reference-compiled / triton. --time-limit stops starting new (B, V)
+by --summary), gives per (dtype, mode, B, V): triton us, triton-graph us, floor us,
+triton-graph / floor, authors / triton and reference-compiled / triton. --time-limit stops starting new (B, V)
 cells after that many seconds (the cells left out are listed) so the summary is still
 printed under an outer cap.
 """
