@@ -19,6 +19,9 @@ Providers, all in linalign's loop (``LinearAligner``), greedy, ratio 3, T 0.5, t
               step replayed as a CUDA graph. Default with --device cuda (--providers to
               choose; on the CPU there is no graph, only the static cache). Their warm-up
               runs the measured shape once, so graph capture is not timed.
+  kl, K2, K3  (--variants; and kl-fast, K2-fast, K3-fast with fast=True) the stacked loop in
+              kl mode (budget 1 nat) and with 2 and 3 principles (one forward of 3B and 4B
+              rows per step); their ratios are against stacked (stacked-fast).
 Every row generates exactly --new-tokens tokens (end-of-sequence ignored), so all providers
 do the same work. tokens/s = B * new tokens / decode seconds (the prefill forward excluded);
 median over --repeats runs, the providers interleaved so that drift hits all alike. The
@@ -58,11 +61,15 @@ PROMPTS = [
     "Summarise the plot of Romeo and Juliet in a few sentences.",
 ]
 PRINCIPLE = "Answer like a pirate."
+MORE_PRINCIPLES = ["Be brief.", "Use simple words."]  # the K = 2 and 3 variants
 SETTING = dict(ratio=3.0, temperature=0.5, top_p=0.8, greedy=True)
 PROVIDERS = ("plain", "stacked", "two-caches", "authors", "plain-fast", "stacked-fast")
 SLOW = PROVIDERS[:4]  # the CPU default
+VARIANTS = ("kl", "K2", "K3", "kl-fast", "K2-fast", "K3-fast")  # --variants (issue 6)
 SHORT = {"stacked/plain": "st/pl", "two-caches/plain": "2c/pl", "authors/plain": "au/pl",
-         "stacked-fast/plain-fast": "sf/pf"}  # ratio columns of the printed table
+         "stacked-fast/plain-fast": "sf/pf", "kl/stacked": "kl/st", "K2/stacked": "K2/st",
+         "K3/stacked": "K3/st", "kl-fast/stacked-fast": "klf/sf",
+         "K2-fast/stacked-fast": "K2f/sf", "K3-fast/stacked-fast": "K3f/sf"}
 FIELDS = ["op", "model", "B", "new_tokens", "provider", "tokens_per_s", "spread", "prefill_s",
           "device", "threads", "versions", "date"]
 
@@ -79,8 +86,20 @@ def authors_as_step(logits_p, logits_0, *, ratio, temperature, top_p, greedy, **
 
 
 def run_provider(aligner, name, ids_with, ids_without, new_tokens):
+    """``ids_with``: the principle branches' rows, one list per principle (3 for the K
+    variants; the first is the one-principle branch)."""
     aligner._step = authors_as_step if name == "authors" else linalign.step
     fast = name.endswith("-fast")
+    kind = name.removesuffix("-fast")
+    if kind in ("kl", "K2", "K3"):
+        how = dict(kl_budget=1.0) if kind == "kl" else dict(ratio=SETTING["ratio"])
+        withs = ids_with[0] if kind == "kl" else ids_with[:int(kind[1])]
+        result = aligner.generate_ids(withs, ids_without, max_new_tokens=new_tokens,
+                                      fast=fast, temperature=SETTING["temperature"],
+                                      top_p=SETTING["top_p"], greedy=True, **how)
+        assert all(len(r) == new_tokens for r in result.token_ids)
+        return result
+    ids_with = ids_with[0]
     if name.startswith("plain"):
         result = aligner.generate_plain_ids(ids_with, max_new_tokens=new_tokens,
                                             temperature=SETTING["temperature"],
@@ -99,6 +118,8 @@ def ratios(med, providers):
     out = []
     for p in providers:
         base = "plain-fast" if p == "stacked-fast" else "plain"
+        if p in VARIANTS:
+            base = "stacked-fast" if p.endswith("-fast") else "stacked"
         if p not in ("plain", "plain-fast") and base in med:
             out.append((f"{p}/{base}", med[p] / med[base]))
     return out
@@ -106,9 +127,9 @@ def ratios(med, providers):
 
 def measure(label, aligner, ids_with, ids_without, new_tokens, repeats, info,
             providers=PROVIDERS):
-    B = len(ids_with)
+    B = len(ids_without)
     for name in providers:  # warm-up: allocator, kernels, compiled paths
-        run_provider(aligner, name, ids_with[:1], ids_without[:1], 2)
+        run_provider(aligner, name, [w[:1] for w in ids_with], ids_without[:1], 2)
         if name.endswith("-fast"):  # the measured shape: its static cache and CUDA graph
             run_provider(aligner, name, ids_with, ids_without, new_tokens)
     tps = {p: [] for p in providers}
@@ -137,8 +158,8 @@ def smollm2_cases(args):
     aligner.eos_ids = []  # fixed length: every provider does the same work
     for B in args.batch:
         prompts = (PROMPTS * B)[:B]
-        ids_with, ids_without = aligner.branches(prompts, PRINCIPLE)
-        yield "smollm2", aligner, ids_with, ids_without
+        withs, ids_without = aligner.branches(prompts, [[PRINCIPLE, *MORE_PRINCIPLES]] * B)
+        yield "smollm2", aligner, withs, ids_without
 
 
 def random_cases(args):
@@ -153,9 +174,9 @@ def random_cases(args):
         for B in args.batch:
             lengths = torch.randint(64, 129, (B,), generator=g).tolist()
             ids_without = [torch.randint(300, V, (n,), generator=g).tolist() for n in lengths]
-            principle = torch.randint(300, V, (24,), generator=g).tolist()
-            ids_with = [principle + r for r in ids_without]
-            yield f"llama-{shape}", aligner, ids_with, ids_without
+            principles = [torch.randint(300, V, (24,), generator=g).tolist() for _ in range(3)]
+            withs = [[pr + r for r in ids_without] for pr in principles]
+            yield f"llama-{shape}", aligner, withs, ids_without
         del model, aligner
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -217,7 +238,7 @@ def report(csv_path):
     cells = {}
     for r in rows:
         cells.setdefault((r["model"], int(r["B"])), {})[r["provider"]] = float(r["tokens_per_s"])
-    providers = [p for p in PROVIDERS if any(p in med for med in cells.values())]
+    providers = [p for p in PROVIDERS + VARIANTS if any(p in med for med in cells.values())]
     labels = [lab for lab, _ in ratios({p: 1.0 for p in providers}, providers)]
     print("| model | B | " + " | ".join(providers) + " | " +
           " | ".join(lab.replace("/", " / ") for lab in labels) + " |")
@@ -246,6 +267,9 @@ def main(argv=None):
                     f"{','.join(PROVIDERS)} (default: all with --device cuda, the first four "
                     "on the CPU)")
     ap.add_argument("--quick", action="store_true", help="B = 1, 16 tokens, one repeat")
+    ap.add_argument("--variants", action="store_true", help="add kl mode and 2 and 3 "
+                    "principles (kl, K2, K3; with -fast versions where stacked-fast runs) "
+                    "to the providers, with their cost against stacked")
     ap.add_argument("--out", default=None, help="CSV to append to (default: "
                     "benchmarks/results/decode_<device>.csv)")
     ap.add_argument("--report", metavar="CSV", help="print the latest run as markdown")
@@ -266,12 +290,17 @@ def main(argv=None):
     device = torch.device(args.device)
     providers = tuple(args.providers.split(",")) if args.providers else \
         (PROVIDERS if device.type == "cuda" else SLOW)
-    unknown = set(providers) - set(PROVIDERS)
+    if args.variants:
+        providers += tuple(v for v in VARIANTS if not v.endswith("-fast") or
+                           "stacked-fast" in providers)
+    unknown = set(providers) - set(PROVIDERS + VARIANTS)
     if unknown or "plain" not in providers:
         ap.error(f"--providers: unknown {sorted(unknown)}" if unknown else
                  "--providers must include plain (the baseline)")
     if "stacked-fast" in providers and "plain-fast" not in providers:
         ap.error("--providers: stacked-fast needs plain-fast (its baseline)")
+    if any(v in providers for v in VARIANTS) and "stacked" not in providers:
+        ap.error("--providers: kl, K2, K3 need stacked (their baseline)")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     info = dict(device=device_name(device), threads=args.threads, versions=versions(),
                 date=stamp)
@@ -311,8 +340,8 @@ def test_decode_benchmark_harness():
     torch.set_num_threads(1)
     aligner = linalign.LinearAligner(random_llama("tiny", logit_std=1.5), ByteTokenizer())
     aligner.eos_ids = []
-    ids_with, ids_without = aligner.branches(PROMPTS[:2], PRINCIPLE)
-    rows = measure("tiny", aligner, ids_with, ids_without, 4, 1, dict(
-        device="cpu", threads=1, versions=versions(), date="test"))
-    assert [r["provider"] for r in rows] == list(PROVIDERS)
+    withs, ids_without = aligner.branches(PROMPTS[:2], [[PRINCIPLE, *MORE_PRINCIPLES]] * 2)
+    rows = measure("tiny", aligner, withs, ids_without, 4, 1, dict(
+        device="cpu", threads=1, versions=versions(), date="test"), PROVIDERS + VARIANTS[:3])
+    assert [r["provider"] for r in rows] == list(PROVIDERS + VARIANTS[:3])
     assert all(float(r["tokens_per_s"]) > 0 for r in rows)

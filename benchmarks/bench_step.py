@@ -10,6 +10,7 @@ and appends one row per measurement to a CSV under benchmarks/results/):
     python benchmarks/bench_step.py --grid --out step_cuda.csv --time-limit 140   # the GPU grid
     python benchmarks/bench_step.py --summary step_cuda.csv   # the grid's summary table again
     python benchmarks/bench_step.py --host-overhead           # a call's own Python cost
+    python benchmarks/bench_step.py --variants      # kl mode, K = 2 and 3 principles vs K = 1
 
 As pytest-benchmark tests (CPU grid: B = 1 and 8, V = 49152):
 
@@ -438,6 +439,80 @@ def host_overhead(calls=2000):
             setattr(ks, n, k)
 
 
+VARIANTS = ("K=1", "kl", "K=2", "K=3")  # --variants: what each costs against K = 1
+
+
+def variant_calls(zp, z0, backend, seed, greedy, extra):
+    """name -> zero-argument call of the step in each variant of issue 6, on the same rows:
+    the fixed-ratio step (K = 1), kl mode (budget 1 nat, default cap), and K = 2 and 3
+    principles (the extra principle branches ``extra``, stacked once outside the timed
+    call, as a decoder's [K, B, V] logits view would be)."""
+    kw = dict(temperature=SETTING["temperature"], top_p=SETTING["top_p"], greedy=greedy,
+              seed=seed, backend=backend, check=False)
+    stacks = {K: torch.stack([zp, *extra[:K - 1]]) for K in (2, 3)}
+    return {
+        "K=1": lambda: linalign.step(zp, z0, ratio=SETTING["ratio"], **kw),
+        "kl": lambda: linalign.step(zp, z0, kl_budget=1.0, **kw),
+        "K=2": lambda: linalign.step(stacks[2], z0, ratio=[SETTING["ratio"]] * 2, **kw),
+        "K=3": lambda: linalign.step(stacks[3], z0, ratio=[SETTING["ratio"]] * 3, **kw),
+    }
+
+
+def _graphed(call):
+    """``call`` captured once in a CUDA graph; returns the replay (GPU only)."""
+    call()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        call()
+    return g.replay
+
+
+def run_variants(sizes, device, threads, out_csv, dtype=torch.float32, modes=("greedy",)):
+    """--variants: kl mode and K = 2, 3 principles against the K = 1 step, side by side on
+    the same rows and backend (CPU: torch; GPU: triton eagerly and as a CUDA-graph replay).
+    Prints medians and the ratio to K = 1; appends rows with op "step-<variant>"."""
+    torch.set_num_threads(threads)
+    info = run_info(device, threads)
+    gpu = device.type == "cuda"
+    timer = time_gpu if gpu else time_cpu
+    providers_ = ("triton", "triton-graph") if gpu else ("torch",)
+    print(f"# {info['device']}, {threads} torch thread(s), {info['versions']}")
+    print(f"{'B':>4} {'V':>7} {'mode':>6} {'provider':>13} " +
+          " ".join(f"{v:>10}" for v in VARIANTS) + "   " +
+          " ".join(f"{v + '/K=1':>9}" for v in VARIANTS[1:]))
+    rows = []
+    f, w = open_csv(out_csv)
+    with f:
+        for B, V in sizes:
+            zp, z0 = two_branch(B, V, seed=B * 7 + V, temperature=SETTING["temperature"],
+                                device=device, dtype=dtype)
+            g = torch.Generator().manual_seed(V)
+            extra = [(zp.float().cpu() + 0.3 * torch.randn(B, V, generator=g)).to(device, dtype)
+                     for _ in range(2)]
+            seed = torch.zeros((), dtype=torch.int64, device=device) if gpu else 0
+            for mode in modes:
+                calls = variant_calls(zp, z0, "triton" if gpu else "torch", seed,
+                                      mode == "greedy", extra)
+                for prov in providers_:
+                    med = {}
+                    for name, call in calls.items():
+                        fn = _graphed(call) if prov == "triton-graph" else call
+                        m, sp = timer(fn)
+                        med[name] = m
+                        row = _row(B, V, dtype, (1.2, 2.0), mode, prov, m, sp, info)
+                        row["op"] = f"step-{name}"
+                        rows.append(row)
+                        w.writerow(row)
+                    f.flush()
+                    print(f"{B:>4} {V:>7} {mode:>6} {prov:>13} " +
+                          " ".join(f"{med[v] * 1e3:>7.1f} us" for v in VARIANTS) + "   " +
+                          " ".join(f"{med[v] / med['K=1']:>8.2f}x" for v in VARIANTS[1:]))
+                    sys.stdout.flush()
+    print(f"# {len(rows)} rows appended to {out_csv}")
+    return rows
+
+
 def _ints(text):
     return tuple(int(x) for x in text.split(","))
 
@@ -471,6 +546,9 @@ def main(argv=None):
                     "replaced by no-ops (CPU tensors, B = 1, V = 32000) and exit")
     ap.add_argument("--summary", metavar="CSV", help="print the summary table of the latest "
                     "run in CSV (triton against the floor and the baselines) and exit")
+    ap.add_argument("--variants", action="store_true", help="kl mode and K = 2, 3 "
+                    "principles against the K = 1 step, side by side (B in --B, default "
+                    "1,8,64 on a GPU and 1,8 on a CPU; V = 49152 and 128256)")
     args = ap.parse_args(argv)
     if args.report:
         return report(args.report)
@@ -481,6 +559,11 @@ def main(argv=None):
     device = torch.device(args.device)
     out = args.out or os.path.join(RESULTS, f"step_{device.type}.csv")
     steep = tuple(float(x) for x in args.steepness.split(","))
+    if args.variants:
+        Bs = args.B if args.B != GRID_B else ((1, 8, 64) if device.type == "cuda" else (1, 8))
+        Vs = args.V if args.V != GRID_V else (49152, 128256)
+        return run_variants([(B, V) for V in Vs for B in Bs], device, args.threads, out,
+                            getattr(torch, args.dtype))
     if args.grid:
         dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
         names = args.providers.split(",") if args.providers else None

@@ -5,6 +5,7 @@ until a kernel is launched. On a machine without a GPU, set ``TRITON_INTERPRET=1
 the first import to run the kernels through Triton's interpreter (decoration time decides;
 ``INTERPRETED`` remembers what it was).
 """
+from .compose import la_compose, la_compose_kernel
 from .step import INTERPRETED, la_step, la_step_kernel
 
-__all__ = ["la_step", "la_step_kernel", "INTERPRETED"]
+__all__ = ["la_step", "la_step_kernel", "la_compose", "la_compose_kernel", "INTERPRETED"]

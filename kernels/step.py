@@ -125,22 +125,77 @@ def _temperature(T):
 
 
 @_helper
-def _max_pass(rowp, row0, lo_i, hi_i, BLOCK: tl.constexpr):
+def _max_pass(rowp, row0, lo_i, hi_i, inv_t, BLOCK: tl.constexpr, KL: tl.constexpr):
     """Pass 1 over [lo_i, hi_i): the principle branch's max and the bad-input flag (NaN or
-    +inf in either branch). Per-lane accumulators, one combine at the end."""
+    +inf in either branch). Per-lane accumulators, one combine at the end.
+
+    KL (SPEC 3): also, per lane, the softmax(z_0 / T)-weighted moments of
+    g = (z_p - z_0) / T over the tokens finite in both branches, as an online softmax with
+    a weighted Welford update (running max m0 of z_0, weight sum W relative to it, mean mu,
+    sum of squared deviations M2): one exp per element, no cancellation. Returns the
+    per-lane (m0, W, mu, M2) for ``_moments``; zeros otherwise."""
     cols = tl.arange(0, BLOCK)
     m_l = tl.full((BLOCK,), float("-inf"), tl.float32)
     bad_l = tl.zeros((BLOCK,), tl.int32)
+    m0_l = tl.full((BLOCK,), float("-inf"), tl.float32)
+    w_l = tl.zeros((BLOCK,), tl.float32)
+    mu_l = tl.zeros((BLOCK,), tl.float32)
+    m2_l = tl.zeros((BLOCK,), tl.float32)
     for start in range(lo_i, hi_i, BLOCK):
         offs = start + cols
         msk = offs < hi_i
         x = tl.load(rowp + offs, mask=msk, other=float("-inf")).to(tl.float32)
         y = tl.load(row0 + offs, mask=msk, other=float("-inf")).to(tl.float32)
         x, bx = _sanitize(x)
-        _, by = _sanitize(y)
+        y, by = _sanitize(y)
         bad_l = bad_l | (bx | by).to(tl.int32)
         m_l = tl.maximum(m_l, x)
-    return tl.max(m_l, axis=0), tl.max(bad_l, axis=0)
+        if KL:
+            valid = (x > float("-inf")) & (y > float("-inf"))
+            yv = tl.where(valid, y, float("-inf"))
+            gt = yv > m0_l
+            # One exp: the new token's weight, or the rescale of the old sums. Operands are
+            # made finite first, so that no lane computes inf - inf.
+            ys = tl.where(valid, y, 0.0)
+            ms = tl.where(m0_l > float("-inf"), m0_l, 0.0)
+            e = tl.where(valid, tl.exp(tl.where(gt, m0_l - ys, ys - ms) * inv_t), 0.0)
+            alpha = tl.where(gt, e, 1.0)
+            w = tl.where(gt, 1.0, e)
+            g = (tl.where(valid, x, 0.0) - ys) * inv_t
+            w_old = w_l * alpha
+            w_l = w_old + w
+            delta = g - mu_l
+            mu_l = mu_l + tl.where(w_l > 0.0, delta * (w / tl.where(w_l > 0.0, w_l, 1.0)), 0.0)
+            m2_l = m2_l * alpha + w * delta * (g - mu_l)
+            m0_l = tl.maximum(m0_l, yv)
+    return tl.max(m_l, axis=0), tl.max(bad_l, axis=0), m0_l, w_l, mu_l, m2_l
+
+
+@_helper
+def _moments(m0_l, w_l, mu_l, m2_l, inv_t):
+    """Combine per-lane (or per-chunk) moments of g: (W, mean, M2) of the whole row, with the
+    weights relative to the row's max of z_0. Sums in a fixed order (deterministic)."""
+    mx = tl.max(m0_l, axis=0)
+    ref = tl.where(mx == float("-inf"), 0.0, mx)
+    a = tl.where(m0_l > float("-inf"), tl.exp((m0_l - ref) * inv_t), 0.0)
+    w = w_l * a
+    wsum = tl.sum(w, axis=0)
+    mu = tl.sum(w * mu_l, axis=0) / tl.where(wsum > 0.0, wsum, 1.0)
+    dev = mu_l - mu
+    m2 = tl.sum(m2_l * a, axis=0) + tl.sum(w * dev * dev, axis=0)
+    return wsum, mu, m2
+
+
+@_helper
+def _kl_ratio(wsum, m2, eps, max_ratio, is_t0):
+    """SPEC 3: r_eff = kappa - 1, kappa = sqrt(2 eps / v) clipped to [0, 1 + max_ratio],
+    v = M2 / W. v == 0 (or no token finite in both branches, or T == 0): r = 0; a
+    non-finite v (hostile logits): kappa = 0."""
+    v = tl.maximum(m2 / tl.where(wsum > 0.0, wsum, 1.0), 0.0)
+    finite = (v == v) & (v < float("inf"))
+    kappa = tl.where(finite, tl.sqrt(2.0 * eps / tl.where(v > 0.0, v, 1.0)), 0.0)
+    kappa = tl.minimum(tl.maximum(kappa, 0.0), 1.0 + max_ratio)
+    return tl.where(is_t0 | (wsum == 0.0) | (v == 0.0), 0.0, kappa - 1.0)
 
 
 @_helper
@@ -440,17 +495,42 @@ def _split_reduce(ws_f, ws_i, row, S, WF, WI, L: tl.constexpr, SP: tl.constexpr)
     return m, zsum, bad, cnt
 
 
+@_helper
+def _split_moments(ws_f, row, S, WF, inv_t, SP: tl.constexpr):
+    """Split path, kl mode: the row's (W, mean, M2) from the chunks' moments (slots 2S..6S
+    of the float workspace: m0, W, mean, M2 per chunk)."""
+    ss = tl.arange(0, SP)
+    live = ss < S
+    wf = ws_f + row.to(tl.int64) * WF + 2 * S
+    m0 = tl.load(wf + ss, mask=live, other=float("-inf"))
+    w = tl.load(wf + S + ss, mask=live, other=0.0)
+    mu = tl.load(wf + 2 * S + ss, mask=live, other=0.0)
+    m2 = tl.load(wf + 3 * S + ss, mask=live, other=0.0)
+    return _moments(m0, w, mu, m2, inv_t)
+
+
 # ---------------------------------------------------------------------------- kernels
 @triton.jit
-def la_max_kernel(zp_ptr, z0_ptr, stride_p, stride_0, ws_f, ws_i, V, CHUNK, WF, WI,
-                  BLOCK: tl.constexpr):
-    # Split pass 1: per-chunk max and bad flag -> workspace.
+def la_max_kernel(zp_ptr, z0_ptr, stride_p, stride_0, t_ptr, t_val, ws_f, ws_i, V, S, CHUNK,
+                  WF, WI, T_PER_ROW: tl.constexpr, KL: tl.constexpr, BLOCK: tl.constexpr):
+    # Split pass 1: per-chunk max and bad flag (and kl mode's moments) -> workspace.
     row = tl.program_id(0)
     s, lo_i, hi_i = _chunk(V, CHUNK)
-    m, bad = _max_pass(zp_ptr + row.to(tl.int64) * stride_p,
-                       z0_ptr + row.to(tl.int64) * stride_0, lo_i, hi_i, BLOCK)
-    tl.store(ws_f + row.to(tl.int64) * WF + s, m)
+    T = _row_param(t_ptr, t_val, row, T_PER_ROW)
+    is_t0, inv_t = _temperature(T)
+    m, bad, m0_l, w_l, mu_l, m2_l = _max_pass(zp_ptr + row.to(tl.int64) * stride_p,
+                                              z0_ptr + row.to(tl.int64) * stride_0, lo_i,
+                                              hi_i, inv_t, BLOCK, KL)
+    wf = ws_f + row.to(tl.int64) * WF
+    tl.store(wf + s, m)
     tl.store(ws_i + row.to(tl.int64) * WI + s, bad)
+    if KL:
+        # The chunk's moments relative to its own max of z_0 (combined by _split_moments).
+        wsum, mu, m2 = _moments(m0_l, w_l, mu_l, m2_l, inv_t)
+        tl.store(wf + 2 * S + s, tl.max(m0_l, axis=0))
+        tl.store(wf + 3 * S + s, wsum)
+        tl.store(wf + 4 * S + s, mu)
+        tl.store(wf + 5 * S + s, m2)
 
 
 @triton.jit
@@ -505,19 +585,21 @@ def la_compact_kernel(zp_ptr, stride_p, t_ptr, t_val, ws_f, ws_i, cidx_ptr, cval
 @triton.jit(do_not_specialize=["seed_val", "off_val"])
 def la_step_kernel(
     zp_ptr, z0_ptr, stride_p, stride_0,
-    r_ptr, r_val, t_ptr, t_val, p_ptr, p_val,
+    r_ptr, r_val, t_ptr, t_val, p_ptr, p_val, e_ptr, e_val, x_ptr, x_val,
     u_ptr, seed_ptr, seed_val, off_ptr, off_val,
-    tok_ptr, lp_ptr, nsz_ptr, status_ptr,
+    tok_ptr, lp_ptr, nsz_ptr, status_ptr, ratio_ptr,
     cidx_ptr, cval_ptr, ws_f, ws_i,
     V, S, WF, WI, BKEY,
     R_PER_ROW: tl.constexpr, T_PER_ROW: tl.constexpr, P_PER_ROW: tl.constexpr,
+    KL: tl.constexpr, E_PER_ROW: tl.constexpr, X_PER_ROW: tl.constexpr,
     RNG: tl.constexpr, OFF_PER_ROW: tl.constexpr, GREEDY: tl.constexpr,
     SPLIT: tl.constexpr, SP: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
     CMAX: tl.constexpr, JB: tl.constexpr,
 ):
     # One program per row. zp, z0: [B, V] (fp32/bf16/fp16, last dim contiguous); outputs:
-    # [B]. cidx/cval: [B, CMAX] buffers. RNG: 0 = uniforms given in u_ptr, 1 = one seed
+    # [B] (ratio_ptr: the ratio used). cidx/cval: [B, CMAX] buffers. KL: kl mode (SPEC 3),
+    # r from the budget e (eps) and the cap x (max_ratio) instead of r_ptr/r_val. RNG: 0 = uniforms given in u_ptr, 1 = one seed
     # (counter = row, offset), 2 = per-row seeds (counter = 0, offset), 3 = one seed read
     # from seed_ptr (counter = row, offset).
     row = tl.program_id(0)
@@ -526,16 +608,24 @@ def la_step_kernel(
     row0 = z0_ptr + row.to(tl.int64) * stride_0
     cidx = cidx_ptr + row.to(tl.int64) * CMAX
     cval = cval_ptr + row.to(tl.int64) * CMAX
-    r = _row_param(r_ptr, r_val, row, R_PER_ROW)
     T = _row_param(t_ptr, t_val, row, T_PER_ROW)
     top_p = _row_param(p_ptr, p_val, row, P_PER_ROW)
     is_t0, inv_t = _temperature(T)
 
-    # ---- passes 1 and 2: max, bad flag, Z and the ladder's counts ----
+    # ---- passes 1 and 2: max, bad flag (kl mode: the moments), Z and the ladder ----
     if SPLIT:  # the chunks' partials (la_max_kernel, la_ladder_kernel)
         m, zsum, bad, cnt = _split_reduce(ws_f, ws_i, row, S, WF, WI, L, SP)
+        if KL:
+            wsum, mu, m2 = _split_moments(ws_f, row, S, WF, inv_t, SP)
     else:
-        m, bad = _max_pass(rowp, row0, 0, V, BLOCK)
+        m, bad, m0_l, w_l, mu_l, m2_l = _max_pass(rowp, row0, 0, V, inv_t, BLOCK, KL)
+        if KL:
+            wsum, mu, m2 = _moments(m0_l, w_l, mu_l, m2_l, inv_t)
+    if KL:
+        r = _kl_ratio(wsum, m2, _row_param(e_ptr, e_val, row, E_PER_ROW),
+                      _row_param(x_ptr, x_val, row, X_PER_ROW), is_t0)
+    else:
+        r = _row_param(r_ptr, r_val, row, R_PER_ROW)
     cut, lo, hi, need, empty = _search_init(m, T, top_p, is_t0)
     lv = _levels(m, T, is_t0, cut, L)
     if not SPLIT:
@@ -617,6 +707,7 @@ def la_step_kernel(
     tl.store(lp_ptr + row, logprob)
     tl.store(nsz_ptr + row, n_in)
     tl.store(status_ptr + row, status.to(tl.int32))
+    tl.store(ratio_ptr + row, tl.where(fallback, 0.0, r))
 
 
 # ---------------------------------------------------------------------------- launcher
@@ -642,7 +733,7 @@ def _quick_bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
-la_step_tuned = triton.autotune(_CONFIGS, key=["V", "BKEY", "SPLIT", "GREEDY"],
+la_step_tuned = triton.autotune(_CONFIGS, key=["V", "BKEY", "SPLIT", "GREEDY", "KL"],
                                 do_bench=None if INTERPRETED else _quick_bench)(la_step_kernel)
 
 
@@ -684,12 +775,14 @@ def plan_split(B, V, device):
 
 
 def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, seed=None,
-            offset=0, split=None, block=None, split_block=SPLIT_BLOCK, pivots=K_PIVOTS,
+            offset=0, kl=None, split=None, block=None, split_block=SPLIT_BLOCK, pivots=K_PIVOTS,
             cmax=CMAX_BUF):
     """Launch the step over a [B, V] batch (no host synchronisation).
 
     logits_p, logits_0: [B, V] fp32/bf16/fp16 on one device, last dim contiguous.
     ratio, temperature, top_p: a Python number or a [B] tensor each (already validated).
+    ``kl``: kl mode (SPEC 3), ``(kl_budget, max_ratio)`` (numbers or [B] tensors): the ratio
+    of each row is computed in pass 1 and ``ratio`` is ignored (may be None).
     Randomness (sampling only): ``u`` ([B] uniforms in [0, 1)), or ``seed`` (an int: the
     counter is (row, offset); the same for a 0-d int64 tensor, read on the device; or a [B]
     int64 tensor of per-row seeds: the counter is (0, offset)). ``offset``: an int or a [B] int64 tensor (e.g. the decoding position).
@@ -698,7 +791,8 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
     ``split_block``: block (and chunk granularity) of the split launches; ``pivots``, ``cmax``:
     pivots per pass and candidate buffer size (powers of two; small values in tests reach
     every branch of the search on small rows).
-    Returns (tokens int64 [B], logprobs fp32 [B], nucleus_size int32 [B], status int32 [B]).
+    Returns (tokens int64 [B], logprobs fp32 [B], nucleus_size int32 [B], status int32 [B],
+    ratio fp32 [B]: the ratio each row used, 0 where it fell back).
     """
     import torch
 
@@ -710,8 +804,11 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
         return (torch.empty(0, device=dev, dtype=torch.int64),
                 torch.empty(0, device=dev, dtype=torch.float32),
                 torch.empty(0, device=dev, dtype=torch.int32),
-                torch.empty(0, device=dev, dtype=torch.int32))
-    r_t, r_v, r_row = _param(ratio, dev, torch.float32)
+                torch.empty(0, device=dev, dtype=torch.int32),
+                torch.empty(0, device=dev, dtype=torch.float32))
+    r_t, r_v, r_row = _param(0.0 if ratio is None else ratio, dev, torch.float32)
+    e_t, e_v, e_row = _param(0.0 if kl is None else kl[0], dev, torch.float32)
+    x_t, x_v, x_row = _param(0.0 if kl is None else kl[1], dev, torch.float32)
     t_t, t_v, t_row = _param(temperature, dev, torch.float32)
     p_t, p_v, p_row = _param(top_p, dev, torch.float32)
     o_t, o_v, o_row = _param(offset, dev, torch.int64)
@@ -730,11 +827,12 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
     S = triton.cdiv(V, chunk) if S > 1 else 1
     K, L, CMAX = pivots, LEVELS, cmax
     SP = triton.next_power_of_2(S)
-    WF, WI = 2 * S, S + S * L
+    WF, WI = (6 if kl is not None else 2) * S, S + S * L
     tokens = torch.empty(B, device=dev, dtype=torch.int64)
     logprobs = torch.empty(B, device=dev, dtype=torch.float32)
     nsz = torch.empty(B, device=dev, dtype=torch.int32)
     status = torch.empty(B, device=dev, dtype=torch.int32)
+    used = torch.empty(B, device=dev, dtype=torch.float32)
     # The workspace and the candidate buffer in one allocation (the outputs stay separate
     # tensors: a custom op's outputs may not alias each other).
     sizes = [B * WF, B * WI, B * CMAX, B * CMAX]
@@ -742,7 +840,8 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
     ws_f, cval = ws_f.view(torch.float32), cval.view(torch.float32)
     if S > 1:
         grid = (B, S)
-        la_max_kernel[grid](zp, z0, zp.stride(0), z0.stride(0), ws_f, ws_i, V, chunk, WF, WI,
+        la_max_kernel[grid](zp, z0, zp.stride(0), z0.stride(0), t_t, float(t_v), ws_f, ws_i, V,
+                            S, chunk, WF, WI, T_PER_ROW=t_row, KL=kl is not None,
                             BLOCK=split_block, num_warps=4)
         la_ladder_kernel[grid](zp, zp.stride(0), t_t, float(t_v), ws_f, ws_i, V, S, chunk, WF,
                                WI, T_PER_ROW=t_row, BLOCK=min(256, split_block), L=L, SP=SP,
@@ -756,13 +855,13 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
         kernel, cfg = la_step_kernel, dict(BLOCK=block, BLOCK_P=min(block, 256), num_warps=4)
     kernel[(B,)](
         zp, z0, zp.stride(0), z0.stride(0),
-        r_t, float(r_v), t_t, float(t_v), p_t, float(p_v),
+        r_t, float(r_v), t_t, float(t_v), p_t, float(p_v), e_t, float(e_v), x_t, float(x_v),
         u_t, s_t, s_v, o_t, int(o_v),
-        tokens, logprobs, nsz, status,
+        tokens, logprobs, nsz, status, used,
         cidx, cval, ws_f, ws_i,
         V, S, WF, WI, triton.next_power_of_2(B),
         R_PER_ROW=r_row, T_PER_ROW=t_row, P_PER_ROW=p_row,
-        RNG=rng, OFF_PER_ROW=o_row, GREEDY=bool(greedy),
+        KL=kl is not None, E_PER_ROW=e_row, X_PER_ROW=x_row, RNG=rng, OFF_PER_ROW=o_row, GREEDY=bool(greedy),
         SPLIT=S > 1, SP=SP, K=K, L=L, CMAX=CMAX, JB=min(JB_TAU, CMAX), **cfg,
     )
-    return tokens, logprobs, nsz, status
+    return tokens, logprobs, nsz, status, used

@@ -9,6 +9,15 @@ logits_p, logits_0
 ratio
     r: how far to push along ``z_p - z_0``: a finite number or a [B] tensor. Aligned scores
     are ``z_p + r (z_p - z_0)``; r = 0 is plain top-p decoding of the principle branch.
+    With several principles (``logits_p`` [K, B, V]): one number for all, or a list of K
+    (numbers or [B] tensors), or a [K, B] tensor.
+kl_budget, max_ratio
+    "kl" mode (SPEC section 3), instead of ``ratio``: a per-token budget eps >= 0 in nats
+    (a number or a [B] tensor). Per row, ``v`` = the variance of ``g = (z_p - z_0) / T``
+    under ``softmax(z_0 / T)`` and ``kappa = sqrt(2 eps / v)`` clipped to
+    ``[0, 1 + max_ratio]``; the step runs with ``r = kappa - 1`` (``v = 0``: r = 0). To
+    second order the aligned distribution is eps nats from the base one. ``max_ratio``
+    (>= 0, default 10) caps r where the branches nearly agree. One principle only.
 temperature
     T >= 0, a number or a [B] tensor. T scales the principle branch before the nucleus is
     taken and the aligned scores before the softmax. T = 0 is the limit T -> 0: greedy, and
@@ -61,6 +70,9 @@ class Status(enum.IntFlag):
     BAD_INPUT = 2
 
 
+MAX_RATIO = 10.0  # kl mode's default cap on r_eff (the branches nearly agree: v -> 0)
+
+
 class StepOutput(NamedTuple):
     """Result of one step, all [B] tensors on the logits' device."""
 
@@ -69,6 +81,8 @@ class StepOutput(NamedTuple):
     #                          distribution (0 for T = 0 rows, -inf for rows with no token)
     nucleus_size: torch.Tensor  # int32: |N|, the principle-branch nucleus (gap rule included)
     status: torch.Tensor  # int32: Status bits
+    ratio: torch.Tensor = None  # fp32: the ratio the step used per row (0 on FALLBACK rows;
+    #                             kl mode: r_eff = kappa - 1); [K, B] for K principles
 
 
 def _rows(mask):
@@ -82,6 +96,8 @@ RULES = {
     "ratio": (torch.isfinite, "a finite number"),
     "temperature": (lambda t: torch.isfinite(t) & (t >= 0), "finite and >= 0"),
     "top_p": (lambda p: (p > 0) & (p <= 1), "in (0, 1]"),
+    "kl_budget": (lambda e: torch.isfinite(e) & (e >= 0), "finite and >= 0 (nats)"),
+    "max_ratio": (lambda r: torch.isfinite(r) & (r >= 0), "finite and >= 0"),
 }
 
 
@@ -90,6 +106,8 @@ _NUMBER_RULES = {
     "ratio": math.isfinite,
     "temperature": lambda t: math.isfinite(t) and t >= 0,
     "top_p": lambda p: 0 < p <= 1,
+    "kl_budget": lambda e: math.isfinite(e) and e >= 0,
+    "max_ratio": lambda r: math.isfinite(r) and r >= 0,
 }
 
 
@@ -121,7 +139,7 @@ def _param(name, x, B, device, check, valid, expected):
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name} must be a number or a [B] tensor; got {type(x).__name__}")
     x = float(x)
-    if not _NUMBER_RULES[name](x):
+    if not _NUMBER_RULES[name.split("[")[0]](x):
         raise ValueError(f"{name} must be {expected}; got {x}")
     return x
 
@@ -167,7 +185,8 @@ def prepare(logits_p, logits_0, ratio, temperature, top_p, generator, seed, offs
     if V == 0:
         raise ValueError("the vocabulary is empty (V = 0); expected V >= 1")
     dev = logits_p.device
-    ratio = _param("ratio", ratio, B, dev, check, *RULES["ratio"])
+    if ratio is not None:
+        ratio = _param("ratio", ratio, B, dev, check, *RULES["ratio"])
     temperature = _param("temperature", temperature, B, dev, check, *RULES["temperature"])
     top_p = _param("top_p", top_p, B, dev, check, *RULES["top_p"])
     if isinstance(temperature, torch.Tensor):
@@ -195,7 +214,7 @@ def _resolve(backend, device):
     return backend
 
 
-def _run_triton(zp, z0, r, T, p, greedy, generator, seed, offset):
+def _run_triton(zp, z0, r, T, p, greedy, generator, seed, offset, kl=None):
     from . import kernels
 
     if zp.device.type != "cuda" and not kernels.INTERPRETED:
@@ -208,13 +227,14 @@ def _run_triton(zp, z0, r, T, p, greedy, generator, seed, offset):
     if torch.compiler.is_compiling():
         # Under torch.compile the launches go through one opaque custom op (linalign.ops).
         return torch.ops.linalign.triton_step(*ops.as_op_args(zp, z0, r, T, p, greedy, u, seed,
-                                                          offset))
-    return kernels.la_step(zp, z0, r, T, p, greedy=greedy, u=u, seed=seed, offset=offset)
+                                                          offset, kl))
+    return kernels.la_step(zp, z0, r, T, p, greedy=greedy, u=u, seed=seed, offset=offset, kl=kl)
 
 
-def step(logits_p, logits_0, *, ratio, temperature=1.0, top_p=1.0, greedy=False,
-         generator=None, seed=None, offset=0, backend="auto", check=True) -> StepOutput:
-    """One Linear Alignment decoding step over a batch (SPEC sections 1 and 2).
+def step(logits_p, logits_0, *, ratio=None, kl_budget=None, max_ratio=MAX_RATIO,
+         temperature=1.0, top_p=1.0, greedy=False, generator=None, seed=None, offset=0,
+         backend="auto", check=True) -> StepOutput:
+    """One Linear Alignment decoding step over a batch (SPEC sections 1 to 4).
 
     Per row: nucleus ``N`` = top-p of ``softmax(z_p / T)`` (ties with the last kept token
     kept, tokens more than 80 T below the principle max never kept); aligned scores
@@ -222,28 +242,165 @@ def step(logits_p, logits_0, *, ratio, temperature=1.0, top_p=1.0, greedy=False,
     ``-inf`` in either branch; the token is ``argmax s`` (greedy) or drawn from
     ``softmax(s)``. If banning empties ``N`` the row uses r = 0 (``Status.FALLBACK``).
 
+    Give ``ratio`` (a fixed step) or ``kl_budget`` (the closed-form step of SPEC 3, r per
+    row from the branches; ``max_ratio`` caps it). ``logits_p`` may hold K principle
+    branches, [K, B, V] (or a list of K [B, V] tensors): SPEC 4, one ratio per principle;
+    K = 1 is exactly the one-principle step.
+
     Arguments are described once in ``linalign.api``'s module docstring. Returns a
     ``StepOutput``. Raises ``TypeError``/``ValueError`` naming the bad value and the
     expected one.
     """
+    if (ratio is None) == (kl_budget is None):
+        # neither: a missing argument (TypeError, as Python's own); both: a bad combination
+        raise (TypeError if ratio is None else ValueError)(
+            "pass exactly one of ratio= (a fixed step along z_p - z_0) and kl_budget= (SPEC "
+            "section 3: r per row from a budget in nats); got "
+            + ("both" if ratio is not None else "neither"))
+    if isinstance(logits_p, (list, tuple)):
+        if not logits_p or not all(isinstance(z, torch.Tensor) for z in logits_p):
+            raise TypeError("logits_p must be a tensor, or a non-empty list of K [B, V] "
+                            "tensors (one per principle)")
+        shapes = {tuple(z.shape) for z in logits_p}
+        if len(shapes) != 1:
+            raise ValueError(f"the K principle branches must have one shape [B, V]; got "
+                             f"{sorted(shapes)}")
+        logits_p = torch.stack(list(logits_p))
+    if isinstance(logits_p, torch.Tensor) and logits_p.dim() == 3:
+        K = logits_p.shape[0]
+        if K == 0:
+            raise ValueError("logits_p has K = 0 principle branches; expected K >= 1")
+        if K > 1:
+            if kl_budget is not None:
+                raise ValueError("kl_budget is for one principle (SPEC section 3 defines the "
+                                 f"closed-form step of one branch pair); got K = {K} "
+                                 "principle branches: pass ratio= (one per principle)")
+            return _composed(logits_p, logits_0, ratio, temperature, top_p, greedy,
+                             generator, seed, offset, backend, check)
+        ratio = _ratio_list(ratio, 1, logits_p.shape[1])[0] if ratio is not None else None
+        out = step(logits_p[0], logits_0, ratio=ratio, kl_budget=kl_budget,
+                   max_ratio=max_ratio, temperature=temperature, top_p=top_p, greedy=greedy,
+                   generator=generator, seed=seed, offset=offset, backend=backend,
+                   check=check)
+        return out._replace(ratio=out.ratio[None])  # [K = 1, B], like K principles
     r, T, p, seed, offset = prepare(logits_p, logits_0, ratio, temperature, top_p,
                                     generator, seed, offset, check)
+    kl = None
+    if kl_budget is not None:
+        B, dev = logits_p.shape[0], logits_p.device
+        kl = (_param("kl_budget", kl_budget, B, dev, check, *RULES["kl_budget"]),
+              _param("max_ratio", max_ratio, B, dev, check, *RULES["max_ratio"]))
     which = _resolve(backend, logits_p.device)
     if which != "triton" and isinstance(seed, torch.Tensor) and seed.dim() == 0:
         seed = int(seed.item())  # one seed kept on the device is read in the kernel only
     if which == "triton":
-        out = _run_triton(logits_p, logits_0, r, T, p, greedy, generator, seed, offset)
-    elif which == "torch":
-        from .torch_backend import torch_step
-
-        out = torch_step(logits_p, logits_0, r, T, p, greedy=greedy, generator=generator,
-                         seed=seed, offset=offset)
+        out = StepOutput(*_run_triton(logits_p, logits_0, r, T, p, greedy, generator, seed,
+                                      offset, kl))
     else:
-        from .reference import reference_step
+        if kl is not None:
+            r = _kl_ratio(which, logits_p, logits_0, T, *kl)
+        if which == "torch":
+            from .torch_backend import torch_step
 
-        out = reference_step(logits_p, logits_0, r, T, p, greedy=greedy,
-                             generator=generator, seed=seed, offset=offset)
-    out = StepOutput(*out)
+            out = torch_step(logits_p, logits_0, r, T, p, greedy=greedy, generator=generator,
+                             seed=seed, offset=offset)
+        else:
+            from .reference import reference_step
+
+            out = reference_step(logits_p, logits_0, r, T, p, greedy=greedy,
+                                 generator=generator, seed=seed, offset=offset)
+        out = StepOutput(*out, ratio=_used_ratio(r, out[3]))
+    if check:
+        raise_on_bad_rows(out)
+    return out
+
+
+def _used_ratio(r, status):
+    """The [B] fp32 ratio a step used: ``r``, and 0 where the row fell back."""
+    fell = (status & int(Status.FALLBACK)) != 0
+    if not isinstance(r, torch.Tensor):
+        r = torch.full(status.shape, float(r), device=status.device, dtype=torch.float32)
+    return torch.where(fell, 0.0, r.to(torch.float32))
+
+
+def _kl_ratio(which, zp, z0, T, kl_budget, max_ratio):
+    """kl mode on the torch and reference backends: r_eff per row, a [B] fp32 tensor."""
+    if which == "torch":
+        from .torch_backend import kl_ratio
+
+        return kl_ratio(zp, z0, T, kl_budget, max_ratio)
+    from .reference import kl_ratio
+
+    per_row = lambda x, b: float(x[b]) if isinstance(x, torch.Tensor) else float(x)  # noqa: E731
+    return torch.tensor([kl_ratio(zp[b].float(), z0[b].float(), per_row(T, b),
+                                  per_row(kl_budget, b), per_row(max_ratio, b))
+                         for b in range(zp.shape[0])], dtype=torch.float32, device=zp.device)
+
+
+def _ratio_list(ratio, K, B):
+    """The ratios of K principles as a list of K numbers or [B] tensors."""
+    if isinstance(ratio, torch.Tensor) and ratio.dim() == 2:
+        if ratio.shape[0] != K:
+            raise ValueError(f"ratio has shape {list(ratio.shape)}; expected [{K}, {B}] "
+                             f"(one row of ratios per principle)")
+        return list(ratio.unbind(0))
+    if isinstance(ratio, (list, tuple)):
+        if len(ratio) != K:
+            raise ValueError(f"ratio has {len(ratio)} entries for {K} principle branches; "
+                             "expected one per principle")
+        return list(ratio)
+    if isinstance(ratio, torch.Tensor) and ratio.dim() == 1 and K > 1:
+        raise ValueError(f"a 1-D ratio tensor is ambiguous with K = {K} principles: pass one "
+                         f"number, a list of {K} (numbers or [B] tensors), or a [{K}, {B}] "
+                         "tensor")
+    return [ratio] * K
+
+
+def _composed(logits, logits_0, ratio, temperature, top_p, greedy, generator, seed, offset,
+              backend, check):
+    """SPEC 4 with K >= 2 principle branches ``logits`` [K, B, V]."""
+    if not isinstance(logits_0, torch.Tensor) or logits_0.dim() != 2 or \
+            tuple(logits_0.shape) != tuple(logits.shape[1:]):
+        got = list(logits_0.shape) if isinstance(logits_0, torch.Tensor) else type(logits_0)
+        raise ValueError(f"logits_0 must be [B, V] = {list(logits.shape[1:])} like each "
+                         f"principle branch; got {got}")
+    K, B, V = logits.shape
+    dev = logits.device
+    # Validate the logits and the shared parameters once, on the first branch.
+    _, T, p, seed, offset = prepare(logits[0], logits_0, 0.0, temperature, top_p, generator,
+                                    seed, offset, check)
+    ratios = [_param(f"ratio[{k}]", x, B, dev, check, *RULES["ratio"])
+              for k, x in enumerate(_ratio_list(ratio, K, B))]
+    which = _resolve(backend, dev)
+    if which == "reference":
+        from . import reference
+
+        if isinstance(seed, torch.Tensor) and seed.dim() == 0:
+            seed = int(seed.item())
+        u = None if greedy else row_uniforms(B, dev, generator=generator, seed=seed,
+                                             offset=offset)
+        tok, lp, size, status = reference.composed_step(logits, logits_0, ratios, T, p,
+                                                        greedy=greedy, u=u)
+        out = (torch.tensor(tok, dtype=torch.int64, device=dev),
+               torch.tensor(lp, dtype=torch.float32, device=dev),
+               torch.tensor(size, dtype=torch.int32, device=dev),
+               torch.tensor(status, dtype=torch.int32, device=dev))
+    else:
+        if which == "triton":  # one fused elementwise launch (kernels/compose.py)
+            from . import kernels
+
+            r = torch.stack([x.to(torch.float32) if isinstance(x, torch.Tensor) else
+                             torch.full((B,), x, device=dev, dtype=torch.float32)
+                             for x in ratios])
+            zc, zb, bad = kernels.la_compose(logits, logits_0, r)
+        else:
+            from .compose import compose
+
+            zc, zb, bad = compose(logits, logits_0, ratios)
+        one = step(zc, zb, ratio=1.0, temperature=T, top_p=p, greedy=greedy,
+                   generator=generator, seed=seed, offset=offset, backend=which, check=False)
+        out = (*one[:3], one.status | torch.where(bad, int(Status.BAD_INPUT), 0).to(torch.int32))
+    out = StepOutput(*out, ratio=torch.stack([_used_ratio(r, out[3]) for r in ratios]))
     if check:
         raise_on_bad_rows(out)
     return out

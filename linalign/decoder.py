@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .api import RULES, Status, step
+from .api import MAX_RATIO, RULES, Status, step
 from .models import eos_token_ids
 
 MODES = ("stacked", "two-caches")
@@ -116,17 +116,56 @@ def _per_row(name, value, B, *, cast=float):
     return [cast(value)] * B
 
 
-def _check_params(B, ratio, temperature, top_p, max_new_tokens, mode):
-    """Host-side validation, once per call, so the loop can run the step with check=False."""
-    values = {}
-    for name, value in (("ratio", ratio), ("temperature", temperature), ("top_p", top_p)):
-        values[name] = _per_row(name, value, B)
-        valid, expected = RULES[name]  # the step's own rules and words
-        bad = ~valid(torch.tensor(values[name], dtype=torch.float32))
-        if bool(bad.any()):
-            raise ValueError(f"{name} must be {expected}; got "
-                             f"{values[name][int(bad.nonzero()[0])]}")
-    r, T, p = values["ratio"], values["temperature"], values["top_p"]
+def _rule(name, values):
+    valid, expected = RULES[name]  # the step's own rules and words
+    bad = ~valid(torch.tensor(values, dtype=torch.float32))
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be {expected}; got {values[int(bad.nonzero()[0])]}")
+    return values
+
+
+def _ratios(ratio, B, K) -> list[list[float]]:
+    """K lists of B ratios. ``ratio``: one number; one per prompt, each a number or (K > 1)
+    a list of K numbers, one per principle; or a [B] tensor."""
+    if isinstance(ratio, (list, tuple)):
+        if len(ratio) != B:
+            raise ValueError(f"ratio has {len(ratio)} values for {B} prompts (pass one number, "
+                             "or one per prompt: a number or a list with one per principle)")
+        rows = []
+        for i, v in enumerate(ratio):
+            if isinstance(v, (list, tuple)):
+                if len(v) != K:
+                    raise ValueError(f"ratio[{i}] has {len(v)} values for {K} principles")
+                rows.append([float(x) for x in v])
+            else:
+                rows.append([float(v)] * K)
+        per = [[rows[b][k] for b in range(B)] for k in range(K)]
+    else:
+        per = [_per_row("ratio", ratio, B)] * K
+    for k in range(K):
+        _rule("ratio", per[k])
+    return per
+
+
+def _check_params(B, ratio, temperature, top_p, max_new_tokens, mode, K=1, kl_budget=None,
+                  max_ratio=MAX_RATIO):
+    """Host-side validation, once per call, so the loop can run the step with check=False.
+    Returns (ratios: K lists of B, or None in kl mode; kl: (budgets, caps) or None; T; p)."""
+    if ratio is not None and kl_budget is not None:
+        raise ValueError("pass either ratio= (a fixed step) or kl_budget= (kl mode, SPEC "
+                         "section 3), not both")
+    kl = None
+    if kl_budget is not None:
+        if K > 1:
+            raise ValueError(f"kl_budget is for one principle per prompt (SPEC section 3); got "
+                             f"{K} principles per prompt: pass ratio= instead")
+        kl = (_rule("kl_budget", _per_row("kl_budget", kl_budget, B)),
+              _rule("max_ratio", _per_row("max_ratio", max_ratio, B)))
+        r = None
+    else:
+        r = _ratios(DEFAULTS["ratio"] if ratio is None else ratio, B, K)
+    T = _rule("temperature", _per_row("temperature", temperature, B))
+    p = _rule("top_p", _per_row("top_p", top_p, B))
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
         raise TypeError(f"max_new_tokens must be an int >= 0; got {max_new_tokens!r} "
                         f"({type(max_new_tokens).__name__})")
@@ -135,7 +174,7 @@ def _check_params(B, ratio, temperature, top_p, max_new_tokens, mode):
                          "(0 returns empty answers without running the model)")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
-    return r, T, p
+    return r, kl, T, p
 
 
 def _row_seeds(seed, B, greedy) -> list[int] | None:
@@ -202,7 +241,7 @@ class _FastSession:
     every later call of the same shape. Nothing here is ever rebound after creation: new
     values are copied in."""
 
-    def __init__(self, model, G, B, L, N, greedy, want_logprobs, eos_ids, dev):
+    def __init__(self, model, G, B, L, N, greedy, want_logprobs, eos_ids, dev, kl=False):
         from transformers import StaticCache
 
         R, self.G, self.B, self.N = G * B, G, B, N
@@ -213,7 +252,9 @@ class _FastSession:
         self.pos = torch.zeros(R, **i64)          # position of the next input token
         self.tok_in = torch.zeros(R, **i64)       # the next input token of every row
         self.off = torch.zeros(B, **i64)          # step index (the sampling offset)
-        self.ratio = torch.zeros(B, **f32)
+        self.ratio = torch.zeros((max(G - 1, 1), B), **f32)  # [K, B]
+        self.kl = (torch.zeros(B, **f32), torch.zeros(B, **f32)) if kl else None
+        self.ratio_sum = torch.zeros(B, **f32)
         self.temperature = torch.zeros(B, **f32)
         self.top_p = torch.zeros(B, **f32)
         self.seeds = None if greedy else torch.zeros(B, **i64)
@@ -304,23 +345,35 @@ class LinearAligner:
         # A rendered chat template already holds its special tokens.
         return self.tokenizer(text, add_special_tokens=not self._template)["input_ids"]
 
-    def branches(self, prompts, principle) -> tuple[list[list[int]], list[list[int]]]:
-        """Prompt ids of both branches: (with the principle, without it)."""
+    def branches(self, prompts, principle):
+        """Prompt ids of the branches: (with the principle, without it), one row per prompt.
+        With several principles per prompt (K > 1) the first item is K lists of rows, one
+        per principle (the form ``generate_ids`` takes)."""
         prompts = _texts("prompt", prompts)
-        principles = _texts("principle", principle, len(prompts))
-        return ([self.encode(self.prompt_texts(q, p)) for q, p in zip(prompts, principles)],
+        per_prompt = _principles(principle, len(prompts))
+        K = len(per_prompt[0])
+        withs = [[self.encode(self.prompt_texts(q, ps[k])) for q, ps in zip(prompts, per_prompt)]
+                 for k in range(K)]
+        return (withs[0] if K == 1 else withs,
                 [self.encode(self.prompt_texts(q, None)) for q in prompts])
 
     # ------------------------------------------------------------------ public API
-    def generate(self, prompts, principle, *, ratio=DEFAULTS["ratio"],
-                 temperature=DEFAULTS["temperature"], top_p=DEFAULTS["top_p"],
-                 greedy=DEFAULTS["greedy"], max_new_tokens=DEFAULTS["max_new_tokens"],
-                 seed=None, streamer=None, mode="stacked", return_logprobs=False,
-                 backend="auto", fast=False) -> GenerationResult:
-        """Generate aligned answers for ``prompts`` (a string or a list) under ``principle``
-        (one string, or one per prompt).
+    def generate(self, prompts, principle, *, ratio=None, kl_budget=None,
+                 max_ratio=MAX_RATIO, temperature=DEFAULTS["temperature"],
+                 top_p=DEFAULTS["top_p"], greedy=DEFAULTS["greedy"],
+                 max_new_tokens=DEFAULTS["max_new_tokens"], seed=None, streamer=None,
+                 mode="stacked", return_logprobs=False, backend="auto",
+                 fast=False) -> GenerationResult:
+        """Generate aligned answers for ``prompts`` (a string or a list) under ``principle``:
+        one string; one per prompt; or, for several principles at once (SPEC section 4),
+        one list of K strings per prompt (the same K for every prompt of a call).
 
-        ratio, temperature, top_p: one number or one per prompt (SPEC section 2). greedy:
+        ratio: one number (default 3.0) or one per prompt; with K principles each prompt's
+        entry may be a list of K ratios. kl_budget (instead of ratio): kl mode, SPEC
+        section 3, a budget in nats per token, one number or one per prompt; max_ratio caps
+        the ratio it gives (one principle only). ``result.extra["ratio"]`` has each row's
+        mean ratio over its tokens.
+        temperature, top_p: one number or one per prompt (SPEC section 2). greedy:
         argmax of the aligned scores inside the nucleus; False samples. seed: an int (each
         row gets its own Philox seed derived from it and its index) or one int per prompt;
         None draws one from torch's global generator. streamer: any object with
@@ -332,26 +385,42 @@ class LinearAligner:
         done; "stacked" only). See docs/decoder.md.
         """
         ids_with, ids_without = self.branches(prompts, principle)
-        return self.generate_ids(ids_with, ids_without, ratio=ratio, temperature=temperature,
-                                 top_p=top_p, greedy=greedy, max_new_tokens=max_new_tokens,
-                                 seed=seed, streamer=streamer, mode=mode,
-                                 return_logprobs=return_logprobs, backend=backend, fast=fast)
+        return self.generate_ids(ids_with, ids_without, ratio=ratio, kl_budget=kl_budget,
+                                 max_ratio=max_ratio, temperature=temperature, top_p=top_p,
+                                 greedy=greedy, max_new_tokens=max_new_tokens, seed=seed,
+                                 streamer=streamer, mode=mode, return_logprobs=return_logprobs,
+                                 backend=backend, fast=fast)
 
-    def generate_ids(self, ids_with, ids_without, *, ratio=DEFAULTS["ratio"],
-                     temperature=DEFAULTS["temperature"], top_p=DEFAULTS["top_p"],
-                     greedy=DEFAULTS["greedy"], max_new_tokens=DEFAULTS["max_new_tokens"],
-                     seed=None, streamer=None, mode="stacked", return_logprobs=False,
-                     backend="auto", fast=False) -> GenerationResult:
+    def generate_ids(self, ids_with, ids_without, *, ratio=None, kl_budget=None,
+                     max_ratio=MAX_RATIO, temperature=DEFAULTS["temperature"],
+                     top_p=DEFAULTS["top_p"], greedy=DEFAULTS["greedy"],
+                     max_new_tokens=DEFAULTS["max_new_tokens"], seed=None, streamer=None,
+                     mode="stacked", return_logprobs=False, backend="auto",
+                     fast=False) -> GenerationResult:
         """``generate`` at token level: prompt ids of both branches in (lists of ints, one
-        per row, or [B, L] tensors without padding), generated ids out."""
-        groups = [_id_rows("ids_with", ids_with, self.vocab_size),
-                  _id_rows("ids_without", ids_without, self.vocab_size)]
-        if len(groups[0]) != len(groups[1]):
-            raise ValueError(f"ids_with has {len(groups[0])} rows but ids_without has "
-                             f"{len(groups[1])}")
+        per row, or [B, L] tensors without padding), generated ids out. Several principles:
+        ``ids_with`` is K such lists of rows (or a [K, B, L] tensor), one per principle."""
+        groups = self._id_groups(ids_with, ids_without)
         return self._consume(self._decode(groups, ratio, temperature, top_p, greedy,
                                           max_new_tokens, seed, mode, return_logprobs,
-                                          backend, fast), streamer, groups[0])
+                                          backend, fast, kl_budget, max_ratio), streamer,
+                             groups[0])
+
+    def _id_groups(self, ids_with, ids_without):
+        """[K principle groups..., the base group], each a list of B prompt id rows."""
+        nested = (isinstance(ids_with, torch.Tensor) and ids_with.dim() == 3) or (
+            isinstance(ids_with, (list, tuple)) and ids_with and
+            isinstance(ids_with[0], (list, tuple)) and ids_with[0] and
+            isinstance(ids_with[0][0], (list, tuple, torch.Tensor)))
+        withs = list(ids_with) if nested else [ids_with]
+        names = ["ids_with"] if len(withs) == 1 else [f"ids_with[{k}]" for k in range(len(withs))]
+        groups = [_id_rows(n, w, self.vocab_size) for n, w in zip(names, withs)]
+        groups.append(_id_rows("ids_without", ids_without, self.vocab_size))
+        for n, g in zip(names, groups):
+            if len(g) != len(groups[-1]):
+                raise ValueError(f"{n} has {len(g)} rows but ids_without has "
+                                 f"{len(groups[-1])}")
+        return groups
 
     def generate_plain(self, prompts, principle=None, *, temperature=DEFAULTS["temperature"],
                        top_p=DEFAULTS["top_p"], greedy=DEFAULTS["greedy"],
@@ -377,7 +446,7 @@ class LinearAligner:
                            backend="auto", fast=False) -> GenerationResult:
         """``generate_plain`` at token level: one branch's prompt ids in, ids out."""
         rows = _id_rows("ids", ids, self.vocab_size)
-        return self._consume(self._decode([rows], 0.0, temperature, top_p, greedy,
+        return self._consume(self._decode([rows], None, temperature, top_p, greedy,
                                           max_new_tokens, seed, "stacked", return_logprobs,
                                           backend, fast), streamer, rows)
 
@@ -387,23 +456,24 @@ class LinearAligner:
         exactly its ``generate`` text. Stopping early leaves the aligner usable."""
         single = isinstance(prompts, str)
         ids_with, ids_without = self.branches(prompts, principle)
-        defaults = dict(DEFAULTS, seed=None, mode="stacked", return_logprobs=False,
-                        backend="auto", fast=False)
+        defaults = dict(DEFAULTS, ratio=None, kl_budget=None, max_ratio=MAX_RATIO, seed=None,
+                        mode="stacked", return_logprobs=False, backend="auto", fast=False)
         unknown = set(kwargs) - set(defaults)
         if unknown:
             raise TypeError(f"unexpected arguments: {sorted(unknown)}")
         a = {**defaults, **kwargs}
-        B = len(ids_with)
+        groups = self._id_groups(ids_with, ids_without)
+        B = len(ids_without)
         # Checked here, not at the first next(): a bad call fails where it is made.
         _check_params(B, a["ratio"], a["temperature"], a["top_p"], a["max_new_tokens"],
-                      a["mode"])
+                      a["mode"], len(groups) - 1, a["kl_budget"], a["max_ratio"])
         self._check_fast(a["fast"], a["mode"])
         if a["seed"] is not None:
             _row_seeds(a["seed"], B, a["greedy"])
-        self._check_length([ids_with, ids_without], a["max_new_tokens"])
-        steps = self._decode([ids_with, ids_without], a["ratio"], a["temperature"],
-                             a["top_p"], a["greedy"], a["max_new_tokens"], a["seed"],
-                             a["mode"], a["return_logprobs"], a["backend"], a["fast"])
+        self._check_length(groups, a["max_new_tokens"])
+        steps = self._decode(groups, a["ratio"], a["temperature"], a["top_p"], a["greedy"],
+                             a["max_new_tokens"], a["seed"], a["mode"], a["return_logprobs"],
+                             a["backend"], a["fast"], a["kl_budget"], a["max_ratio"])
         return self._pieces(steps, B, single)
 
     def _pieces(self, steps, B, single):
@@ -491,14 +561,14 @@ class LinearAligner:
         return logits
 
     def _decode(self, groups, ratio, temperature, top_p, greedy, max_new_tokens, seed, mode,
-                want_logprobs, backend, fast=False):
+                want_logprobs, backend, fast=False, kl_budget=None, max_ratio=MAX_RATIO):
         """``_decode_steps``, with running out of memory turned into ``BatchTooLargeError``
         (the batch, the lengths and what to lower). The failed call's tensors are released
         before the error is raised, so the aligner stays usable."""
         try:
             return (yield from self._decode_steps(groups, ratio, temperature, top_p, greedy,
                                                   max_new_tokens, seed, mode, want_logprobs,
-                                                  backend, fast))
+                                                  backend, fast, kl_budget, max_ratio))
         except BaseException as e:  # noqa: B036 - re-raised at once unless it is an OOM
             if not _is_oom(e):
                 raise
@@ -517,12 +587,17 @@ class LinearAligner:
             f"aligner.clear_fast_cache() frees them ({what})") from None
 
     def _decode_steps(self, groups, ratio, temperature, top_p, greedy, max_new_tokens, seed,
-                      mode, want_logprobs, backend, fast=False):
+                      mode, want_logprobs, backend, fast=False, kl_budget=None,
+                      max_ratio=MAX_RATIO):
         """Generator: yields each step's tokens [B] (pad for finished rows) on the device and
         returns the GenerationResult. groups: G lists of B prompt id lists (G = 2: with and
-        without the principle; G = 1: plain decoding of one branch)."""
+        without the principle; G = K + 1 >= 3: K principles and the base, SPEC section 4;
+        G = 1: plain decoding of one branch)."""
         G, B = len(groups), len(groups[0])
-        r, T, p = _check_params(B, ratio, temperature, top_p, max_new_tokens, mode)
+        K = max(G - 1, 1)
+        r, kl, T, p = _check_params(B, ratio if G > 1 else [0.0] * B, temperature, top_p,
+                                    max_new_tokens, mode, K, kl_budget if G > 1 else None,
+                                    max_ratio)
         self._check_fast(fast, mode)
         seeds = _row_seeds(seed, B, greedy)
         self._check_length(groups, max_new_tokens)
@@ -530,11 +605,15 @@ class LinearAligner:
         if max_new_tokens == 0:
             return self._result([[] for _ in range(B)], None, [], 0.0, 0.0, 0)
         if fast:
-            return (yield from self._decode_fast(groups, r, T, p, greedy, max_new_tokens,
+            return (yield from self._decode_fast(groups, r, kl, T, p, greedy, max_new_tokens,
                                                  seeds, want_logprobs, backend))
 
         f32 = dict(dtype=torch.float32, device=dev)
-        r, T, p = torch.tensor(r, **f32), torch.tensor(T, **f32), torch.tensor(p, **f32)
+        T, p = torch.tensor(T, **f32), torch.tensor(p, **f32)
+        # the step's ratio arguments, [K, B] (K = 1: [B]) or kl mode's two [B] tensors
+        r = None if r is None else torch.tensor(r, **f32)
+        kl = None if kl is None else (torch.tensor(kl[0], **f32), torch.tensor(kl[1], **f32))
+        ratio_sum = torch.zeros(B, **f32)  # the ratio each row used, summed over its tokens
         seeds = None if seeds is None else torch.tensor(seeds, dtype=torch.long, device=dev)
         eos = torch.tensor(self.eos_ids or [-1], dtype=torch.long, device=dev)
         out_tok = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
@@ -558,14 +637,17 @@ class LinearAligner:
             t1 = time.perf_counter()
             steps = 0
             for t in range(max_new_tokens):
-                # zp, z0: [Ba, V] logits of the active rows with and without the principle
-                # (the same rows when G = 1); stacked: [2Ba, V] split without a copy
+                # zp, z0: the active rows' logits with the principle(s) ([Ba, V], or
+                # [K, Ba, V] for K principles) and without it (the same rows when G = 1);
+                # stacked: views of the [G Ba, V] logits, no copy
                 Ba = rows.numel()
-                zp, z0 = (split[0][:Ba], split[0][(G - 1) * Ba:]) if len(split) == 1 else \
-                    (split[0], split[1])
-                out = self._step(zp, z0, ratio=r if G == 2 else 0.0, temperature=T,
-                                 top_p=p, greedy=greedy, seed=seeds, offset=t,
-                                 backend=backend, check=False)
+                zp, z0 = _branches(split, G, Ba)
+                out = self._step(zp, z0, **_ratio_args(r, kl, G), temperature=T, top_p=p,
+                                 greedy=greedy, seed=seeds, offset=t, backend=backend,
+                                 check=False)
+                if out.ratio is not None and G > 1:
+                    used = out.ratio if out.ratio.dim() == 1 else out.ratio.mean(0)
+                    ratio_sum[rows] += torch.where(done, 0.0, used)
                 tok = torch.where(done, self.pad_id, out.tokens)
                 out_tok[rows, t] = tok
                 if out_lp is not None:
@@ -587,8 +669,9 @@ class LinearAligner:
                         for part in parts:
                             part.select(keep if len(parts) > 1 else
                                         torch.cat([keep + g * Ba for g in range(G)]))
-                        rows, done, r, T, p = rows[keep], done[keep], r[keep], T[keep], \
-                            p[keep]
+                        rows, done, T, p = rows[keep], done[keep], T[keep], p[keep]
+                        r = None if r is None else r[:, keep]
+                        kl = None if kl is None else (kl[0][keep], kl[1][keep])
                         seeds = None if seeds is None else seeds[keep]
                         tok = tok[keep]
                 step_in = tok.repeat(G) if len(parts) == 1 else tok
@@ -599,7 +682,8 @@ class LinearAligner:
             self._raise_bad(status)
         return self._result(out_tok[:, :steps].tolist(),
                             None if out_lp is None else out_lp[:, :steps].tolist(),
-                            status.tolist(), t1 - t0, t2 - t1, steps)
+                            status.tolist(), t1 - t0, t2 - t1, steps,
+                            ratio_sum.tolist() if G > 1 else None)
 
     # ------------------------------------------------------------------ fast=True
     def _check_fast(self, fast, mode):
@@ -624,16 +708,17 @@ class LinearAligner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _fast_session(self, G, B, L, N, greedy, want_logprobs, backend, dev) -> _FastSession:
+    def _fast_session(self, G, B, L, N, greedy, want_logprobs, backend, dev,
+                      kl=False) -> _FastSession:
         """The session of this shape: reused (its graph included) when one is free, else a
         new one; the aligner keeps the FAST_SESSIONS most recently used."""
         key = (G, B, L, N, bool(greedy), bool(want_logprobs), backend, tuple(self.eos_ids),
-               self.pad_id, self._step)
+               self.pad_id, self._step, bool(kl))
         s = self._fast_sessions.get(key)
         if s is not None and not s.busy:
             self._fast_sessions.move_to_end(key)
             return s
-        s = _FastSession(self.model, G, B, L, N, greedy, want_logprobs, self.eos_ids, dev)
+        s = _FastSession(self.model, G, B, L, N, greedy, want_logprobs, self.eos_ids, dev, kl)
         if key not in self._fast_sessions:
             self._fast_sessions[key] = s
             while len(self._fast_sessions) > FAST_SESSIONS:
@@ -653,10 +738,13 @@ class LinearAligner:
         """The step and its bookkeeping at step index s.off, all in place on the device:
         no host synchronisation (the step runs with check=False and [B] tensors)."""
         B, G = s.B, s.G
-        zp, z0 = logits[:B], logits[(G - 1) * B:]
-        out = self._step(zp, z0, ratio=s.ratio, temperature=s.temperature, top_p=s.top_p,
-                         greedy=greedy, seed=s.seeds, offset=s.off, backend=backend,
-                         check=False)
+        zp, z0 = _branches([logits], G, B)
+        out = self._step(zp, z0, **_ratio_args(s.ratio, s.kl, G), temperature=s.temperature,
+                         top_p=s.top_p, greedy=greedy, seed=s.seeds, offset=s.off,
+                         backend=backend, check=False)
+        if out.ratio is not None and G > 1:
+            used = out.ratio if out.ratio.dim() == 1 else out.ratio.mean(0)
+            s.ratio_sum.add_(torch.where(s.done, 0.0, used))
         tok = torch.where(s.done, self.pad_id, out.tokens)
         col = s.off[:1]
         s.out_tok.index_copy_(1, col, tok[:, None])
@@ -717,7 +805,7 @@ class LinearAligner:
         s.graph.replay()
         self.fast_stats["replays"] += 1
 
-    def _decode_fast(self, groups, r, T, p, greedy, N, seeds, want_logprobs, backend):
+    def _decode_fast(self, groups, r, kl, T, p, greedy, N, seeds, want_logprobs, backend):
         """``_decode`` over a static cache (generator, same yields and result). Rows stay in
         the batch until all are done: a finished row emits padding at full cost."""
         G, B = len(groups), len(groups[0])
@@ -728,7 +816,8 @@ class LinearAligner:
         with torch.inference_mode():
             _sync(dev)
             t0 = time.perf_counter()
-            s = self._fast_session(G, B, L, N, greedy, want_logprobs, backend, dev)
+            s = self._fast_session(G, B, L, N, greedy, want_logprobs, backend, dev,
+                                   kl is not None)
             s.busy = True
             try:
                 ids, mask = _left_pad(rows, self.pad_id, L, N)
@@ -736,7 +825,12 @@ class LinearAligner:
                 pos = (s.mask[:, :L].cumsum(-1) - 1).clamp(min=0)
                 s.pos.copy_(pos[:, -1] + 1)
                 s.off.zero_()
-                s.ratio.copy_(torch.tensor(r if G == 2 else [0.0] * B))
+                if kl is None:
+                    s.ratio.copy_(torch.tensor(r))
+                else:
+                    s.kl[0].copy_(torch.tensor(kl[0]))
+                    s.kl[1].copy_(torch.tensor(kl[1]))
+                s.ratio_sum.zero_()
                 s.temperature.copy_(torch.tensor(T))
                 s.top_p.copy_(torch.tensor(p))
                 if s.seeds is not None:
@@ -765,13 +859,14 @@ class LinearAligner:
                 _sync(dev)
                 t2 = time.perf_counter()
                 status = s.status.clone()
+                ratio_sum = s.ratio_sum.tolist() if G > 1 else None
                 toks = s.out_tok[:, :steps].tolist()
                 lps = None if s.out_lp is None else s.out_lp[:, :steps].tolist()
             finally:
                 s.busy = False
         if bool((status & Status.BAD_INPUT).any()):
             self._raise_bad(status)
-        return self._result(toks, lps, status.tolist(), t1 - t0, t2 - t1, steps)
+        return self._result(toks, lps, status.tolist(), t1 - t0, t2 - t1, steps, ratio_sum)
 
     def _raise_bad(self, status):
         bad = (status & Status.BAD_INPUT).nonzero().squeeze(1).tolist()
@@ -779,7 +874,8 @@ class LinearAligner:
                            f"rows {bad}: no token can be chosen (check the model's dtype and "
                            "weights)")
 
-    def _result(self, toks, lps, status, prefill, decode, steps) -> GenerationResult:
+    def _result(self, toks, lps, status, prefill, decode, steps,
+                ratio_sum=None) -> GenerationResult:
         ids, reasons, logprobs = [], [], [] if lps is not None else None
         for i, row in enumerate(toks):
             end = next((j for j, x in enumerate(row) if x in self.eos_ids), None)
@@ -789,8 +885,10 @@ class LinearAligner:
             if logprobs is not None:
                 logprobs.append(lps[i][:n])
         texts = [_decode_text(self.tokenizer, r) for r in ids]
-        return GenerationResult(texts, ids, reasons, logprobs, prefill, decode, steps,
-                                {"status": status})
+        extra = {"status": status}
+        if ratio_sum is not None:  # each row's mean ratio over its tokens (kl mode: r_eff)
+            extra["ratio"] = [ratio_sum[i] / max(len(ids[i]), 1) for i in range(len(ids))]
+        return GenerationResult(texts, ids, reasons, logprobs, prefill, decode, steps, extra)
 
     def _check_length(self, groups, max_new_tokens):
         """Before any compute: every row's prompt plus max_new_tokens fits the model's
@@ -799,7 +897,8 @@ class LinearAligner:
         if limit is None:
             return
         names = ["with the principle", "without the principle"] if len(groups) == 2 else \
-            ["plain"]
+            ["plain"] if len(groups) == 1 else \
+            [f"principle {k + 1}" for k in range(len(groups) - 1)] + ["without the principles"]
         for i in range(len(groups[0])):
             g = max(range(len(groups)), key=lambda g: len(groups[g][i]))
             n = len(groups[g][i])
@@ -810,6 +909,27 @@ class LinearAligner:
                     f"context of {limit} positions (max_position_embeddings): shorten the "
                     f"prompt or the principle, or lower max_new_tokens to at most "
                     f"{max(0, limit - n)}")
+
+
+def _branches(split, G, Ba):
+    """The step's (z_p, z_0) from the logits of one step: ``split`` is [the stacked
+    [G Ba, V] logits] or one [Ba, V] tensor per group (two caches). G = 1: both are the
+    same rows; G = K + 1 >= 3: z_p is [K, Ba, V]."""
+    if len(split) == 1:
+        z = split[0]
+        if G <= 2:
+            return z[:Ba], z[(G - 1) * Ba:]
+        return z[:(G - 1) * Ba].view(G - 1, Ba, -1), z[(G - 1) * Ba:]
+    if G <= 2:
+        return split[0], split[-1]
+    return torch.stack(split[:-1]), split[-1]
+
+
+def _ratio_args(r, kl, G):
+    """The step's ratio keywords: r is [K, B] (K = 1: the [B] row is passed), kl a pair."""
+    if kl is not None:
+        return dict(kl_budget=kl[0], max_ratio=kl[1])
+    return dict(ratio=r[0] if G <= 2 else r)
 
 
 class _Detok:
@@ -832,6 +952,23 @@ class _Detok:
             raise RuntimeError("streamed text is not a prefix of the final text")
         piece, self.shown = final[len(self.shown):], final
         return piece
+
+
+def _principles(principle, n) -> list[list[str]]:
+    """One list of K principles per prompt (the same K for all): ``principle`` is one
+    string, one per prompt, or one list of strings per prompt (SPEC section 4)."""
+    if isinstance(principle, Sequence) and not isinstance(principle, str) and principle and \
+            any(isinstance(p, (list, tuple)) for p in principle):
+        if len(principle) != n:
+            raise ValueError(f"{len(principle)} principle lists for {n} prompts: pass one "
+                             "list of principles per prompt")
+        rows = [[p] if isinstance(p, str) else _texts("principle", p) for p in principle]
+        ks = sorted({len(r) for r in rows})
+        if len(ks) > 1:
+            raise ValueError(f"every prompt of a call needs the same number of principles; "
+                             f"got {ks}: group the prompts by their number of principles")
+        return rows
+    return [[p] for p in _texts("principle", principle, n)]
 
 
 def _texts(name, value, n=None) -> list[str]:

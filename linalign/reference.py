@@ -73,9 +73,14 @@ def row_step(zp, z0, r, T, top_p, greedy, u):
         return 0, float("-inf"), 0, 2  # no finite principle logit: nothing to choose
     a, in_n, fallback = row_scores(zp, z0, r, T, top_p)
     status = int(fallback) | (2 if bad_p or bad_0 else 0)
+    return (*pick(a, T, greedy, u), int(in_n.sum()), status)
+
+
+def pick(a, T, greedy, u):
+    """SPEC 1.4 on one row of masked aligned scores ``a``: (token, its log-probability)."""
     greedy_token = int(torch.argmax(a))  # torch.argmax returns the first maximal index
     if T == 0:
-        return greedy_token, 0.0, int(in_n.sum()), status
+        return greedy_token, 0.0
     # Shifting by the max first changes nothing mathematically, and keeps a / T finite
     # when the aligned scores sit near the fp32 limit and T is small.
     logp = torch.log_softmax((a - a.max()) / T, dim=0)
@@ -87,19 +92,106 @@ def row_step(zp, z0, r, T, top_p, greedy, u):
         cum = torch.cumsum(w, dim=0)
         over = (cum > u * cum[-1]) & (w > 0)
         token = int(over.nonzero()[0]) if bool(over.any()) else int((w > 0).nonzero()[-1])
-    return token, float(logp[token]), int(in_n.sum()), status
+    return token, float(logp[token])
+
+
+# ------------------------------------------------------------ SPEC section 3: "kl" mode
+def kl_ratio(zp, z0, T, kl_budget, max_ratio) -> float:
+    """SPEC 3 for one row: the effective ratio ``r_eff = kappa - 1``.
+
+    ``g = (z_p - z_0) / T``; ``v`` = the variance of ``g`` under ``pi0 = softmax(z_0 / T)``,
+    over the tokens that are finite in both branches (the only ones a step can choose; NaN
+    and +inf count as banned, as everywhere); ``kappa = sqrt(2 eps / v)`` clipped to
+    ``[0, 1 + max_ratio]``. ``v == 0`` (the branches agree up to a constant), no such token,
+    or ``T == 0`` (greedy on the principle argmax: nothing to spend) give ``r_eff = 0``; a
+    non-finite ``v`` (hostile logits) gives ``kappa = 0``. Computed in ``zp.dtype``, two
+    passes (the mean, then the spread about it).
+    """
+    zp, _ = _sanitize(zp)
+    z0, _ = _sanitize(z0)
+    both = (zp > float("-inf")) & (z0 > float("-inf"))
+    if T == 0 or not bool(both.any()):
+        return 0.0
+    g = (zp[both] - z0[both]) / T
+    pi0 = torch.softmax((z0[both] - z0[both].max()) / T, dim=0)
+    mean = (pi0 * g).sum()
+    v = float((pi0 * (g - mean) ** 2).sum())
+    if v == 0:
+        return 0.0
+    kappa = (2 * kl_budget / v) ** 0.5 if v == v and v != float("inf") else 0.0
+    return min(max(kappa, 0.0), 1.0 + max_ratio) - 1.0
+
+
+# ------------------------------------------------- SPEC section 4: several principles
+def composed_row(zs, z0, T, top_p, ratios):
+    """SPEC 4 for one row of K principle branches ``zs`` ([K, V]) and the base ``z0``: the
+    nucleus of ``softmax(z_c / T)``, ``z_c = z_0 + sum_k (z_k - z_0)``, and the aligned
+    logits ``z_0 + sum_k (1 + r_k) (z_k - z_0)`` on it. Returns (scores with -inf off the
+    allowed set, nucleus mask, fell back).
+
+    K = 1 is exactly ``row_scores``. For K >= 2 a token that is -inf in any branch is
+    banned and outside the nucleus (``z_c`` is not defined there: the product of experts
+    gives it no mass). If that empties the nucleus, nothing is left to fall back to: the
+    row has no finite composed logit (like a principle row with no finite logit).
+    """
+    if zs.shape[0] == 1:
+        return row_scores(zs[0], z0, ratios[0], T, top_p)
+    ninf = float("-inf")
+    finite = (zs > ninf).all(0) & (z0 > ninf)
+    z0f = torch.where(finite, z0, 0.0)
+    d = [torch.where(finite, z - z0f, 0.0) for z in zs]
+    zc = zs[0].clone()
+    for dk in d[1:]:
+        zc = zc + dk  # z_1 + sum_{k >= 2} (z_k - z_0): the same order as linalign.compose
+    zc = torch.where(finite, zc.clamp(-FMAX, FMAX), ninf)
+    in_n = nucleus(zc, T, top_p)
+    a = z0f
+    for rk, dk in zip(ratios, d):
+        a = (a + (1 + rk) * dk).clamp(-FMAX, FMAX)
+    return torch.where(in_n, a, ninf), in_n, False
+
+
+def composed_step(logits, logits_0, ratios, temperature, top_p, *, greedy, u=None):
+    """The several-principles step (SPEC 4), one row at a time: ``logits`` [K, B, V],
+    ``logits_0`` [B, V], ``ratios`` K numbers or [B] tensors, ``u`` the [B] uniforms of a
+    sampled step. Returns (tokens, logprobs, nucleus sizes, status) as lists."""
+    K, B, V = logits.shape
+    per_row = lambda x, b: float(x[b]) if isinstance(x, torch.Tensor) else float(x)  # noqa: E731
+    out = []
+    for b in range(B):
+        zs = torch.stack([_sanitize(logits[k, b].float())[0] for k in range(K)])
+        z0, _ = _sanitize(logits_0[b].float())
+        bad = any(_sanitize(logits[k, b].float())[1] for k in range(K)) or \
+            _sanitize(logits_0[b].float())[1]
+        T, p = per_row(temperature, b), per_row(top_p, b)
+        a, in_n, fallback = composed_row(zs, z0, T, p, [per_row(r, b) for r in ratios])
+        if not bool(in_n.any()):
+            out.append((0, float("-inf"), 0, 2))
+            continue
+        tok, lp = pick(a, T, greedy, None if u is None else float(u[b]))
+        out.append((tok, lp, int(in_n.sum()), int(fallback) | (2 if bad else 0)))
+    return [list(x) for x in zip(*out)] if out else [[], [], [], []]
 
 
 def distribution(logits_p, logits_0, ratio, temperature, top_p, dtype=torch.float64):
     """The exact masked aligned distribution of each row: [B, V] probabilities in ``dtype``
-    (for T > 0 rows with finite inputs; what sampling must reproduce)."""
-    B = logits_p.shape[0]
+    (for T > 0 rows with finite inputs; what sampling must reproduce). ``logits_p`` may be
+    [K, B, V] (several principles, SPEC 4) with ``ratio`` a list of K numbers or [B]
+    tensors."""
+    multi = logits_p.dim() == 3
+    B = logits_p.shape[-2]
     per_row = lambda x, b: float(x[b]) if isinstance(x, torch.Tensor) else float(x)  # noqa: E731
     rows = []
     for b in range(B):
-        zp, z0 = logits_p[b].float().to(dtype), logits_0[b].float().to(dtype)
+        z0 = logits_0[b].float().to(dtype)
         T = per_row(temperature, b)
-        a, _, _ = row_scores(zp, z0, per_row(ratio, b), T, per_row(top_p, b))
+        if multi:
+            zs = logits_p[:, b].float().to(dtype)
+            a, _, _ = composed_row(zs, z0, T, per_row(top_p, b),
+                                   [per_row(r, b) for r in ratio])
+        else:
+            a, _, _ = row_scores(logits_p[b].float().to(dtype), z0, per_row(ratio, b), T,
+                                 per_row(top_p, b))
         rows.append(torch.softmax((a - a.max()) / T, dim=0))
     return torch.stack(rows)
 
@@ -124,17 +216,23 @@ def reference_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, gen
             torch.tensor(status, dtype=torch.int32, device=dev))
 
 
-def step(logits_p, logits_0, *, ratio, temperature=1.0, top_p=1.0, greedy=False,
-         generator=None, seed=None, offset=0, check=True, dtype=torch.float32):
+def step(logits_p, logits_0, *, ratio=None, kl_budget=None, max_ratio=10.0, temperature=1.0,
+         top_p=1.0, greedy=False, generator=None, seed=None, offset=0, check=True,
+         dtype=torch.float32):
     """``linalign.step``'s contract, computed by the reference (``dtype=torch.float64`` for
-    exact masses). Same arguments (see ``linalign.api``), no ``backend``."""
+    exact masses: one principle, fixed ratio). Same arguments (see ``linalign.api``), no
+    ``backend``."""
     from .api import StepOutput, prepare, raise_on_bad_rows
     from .api import step as api_step
 
     if dtype == torch.float32:
-        return api_step(logits_p, logits_0, ratio=ratio, temperature=temperature, top_p=top_p,
+        return api_step(logits_p, logits_0, ratio=ratio, kl_budget=kl_budget,
+                        max_ratio=max_ratio, temperature=temperature, top_p=top_p,
                         greedy=greedy, generator=generator, seed=seed, offset=offset,
                         backend="reference", check=check)
+    if kl_budget is not None or ratio is None or logits_p.dim() != 2:
+        raise ValueError("the reference's float64 mode is for one principle and a fixed "
+                         "ratio; use dtype=torch.float32 for kl mode and several principles")
     r, T, p, seed, offset = prepare(logits_p, logits_0, ratio, temperature, top_p, generator,
                                     seed, offset, check)
     out = StepOutput(*reference_step(logits_p, logits_0, r, T, p, greedy=greedy,

@@ -221,4 +221,35 @@ def torch_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, generat
     return tokens, logprobs, sizes, status
 
 
-__all__ = ["torch_step", "radix_threshold"]
+def kl_ratio(logits_p, logits_0, temperature, kl_budget, max_ratio):
+    """kl mode (SPEC 3), vectorised: the [B] fp32 ``r_eff = kappa - 1`` of every row.
+
+    ``v`` = variance of ``g = (z_p - z_0) / T`` under ``softmax(z_0 / T)`` over the tokens
+    finite in both branches (NaN and +inf count as banned), computed in two passes (the
+    mean, then the spread about it: no cancellation when the branches differ by a large
+    constant); ``kappa = sqrt(2 eps / v)`` clipped to ``[0, 1 + max_ratio]``. ``v == 0``, no
+    such token or ``T == 0``: r = 0; a non-finite ``v`` (hostile logits): ``kappa = 0``.
+    The same definition as ``linalign.reference.kl_ratio``.
+    """
+    B = logits_p.shape[0]
+    dev = logits_p.device
+    zp, z0 = logits_p.float(), logits_0.float()
+    both = (zp > -_INF) & (zp < _INF) & (z0 > -_INF) & (z0 < _INF)  # NaN fails both tests
+    T = _row_param(temperature, B, dev)
+    t0 = T == 0
+    inv_t = (1.0 / torch.where(t0, 1.0, T))[:, None]
+    m0 = torch.where(both, z0, -_INF).amax(-1, keepdim=True)
+    m0 = torch.where(m0 > -_INF, m0, 0.0)
+    w = torch.where(both, ((z0 - m0) * inv_t).exp(), 0.0)
+    g = torch.where(both, (zp - z0) * inv_t, 0.0)
+    W = w.sum(-1)
+    mean = (w * g).sum(-1) / W
+    v = (w * (g - mean[:, None]).square()).sum(-1) / W
+    eps = _row_param(kl_budget, B, dev)
+    cap = 1.0 + _row_param(max_ratio, B, dev)
+    kappa = torch.where(torch.isfinite(v), (2.0 * eps / v).sqrt(), 0.0)
+    kappa = torch.minimum(kappa.clamp(min=0.0), cap)
+    return torch.where(t0 | (W == 0) | (v == 0), 0.0, kappa - 1.0)
+
+
+__all__ = ["torch_step", "radix_threshold", "kl_ratio"]

@@ -87,19 +87,25 @@ def branch_logits(model, ids):
         return model(torch.tensor([ids], device=model.device)).logits[:, -1, :].float()
 
 
-def naive_decode(model, ids_with, ids_without, n, *, ratio, temperature, top_p, eos=()):
+def naive_decode(model, ids_with, ids_without, n, *, temperature, top_p, eos=(), **how):
     """Greedy Linear Alignment for one prompt the slow, obvious way: both branches recomputed
-    from scratch every step, the reference step. Returns (tokens, logprobs)."""
+    from scratch every step, the reference step. ``how``: ``ratio=`` or ``kl_budget=`` (and
+    ``max_ratio=``). ``ids_with`` may be K id lists (several principles, SPEC 4; then
+    ``ratio`` is K numbers). Returns (tokens, logprobs)."""
     from linalign import reference
 
-    a, b, toks, lps = list(ids_with), list(ids_without), [], []
+    multi = bool(ids_with) and isinstance(ids_with[0], (list, tuple))
+    a = [list(x) for x in ids_with] if multi else [list(ids_with)]
+    b, toks, lps = list(ids_without), [], []
     for _ in range(n):
-        out = reference.step(branch_logits(model, a), branch_logits(model, b), ratio=ratio,
-                             temperature=temperature, top_p=top_p, greedy=True)
+        zs = torch.stack([branch_logits(model, x) for x in a])  # [K, 1, V]
+        out = reference.step(zs if multi else zs[0], branch_logits(model, b),
+                             temperature=temperature, top_p=top_p, greedy=True, **how)
         t = int(out.tokens[0])
         toks.append(t)
         lps.append(float(out.logprobs[0]))
-        a.append(t)
+        for x in a:
+            x.append(t)
         b.append(t)
         if t in eos:
             break

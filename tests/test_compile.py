@@ -23,7 +23,8 @@ dtype = sys.argv[1]
 TYPES = dict(zp_ptr="*" + dtype, z0_ptr="*" + dtype, r_ptr="*fp32", r_val="fp32",
              t_ptr="*fp32", t_val="fp32", p_ptr="*fp32", p_val="fp32", u_ptr="*fp32",
              seed_ptr="*i64", seed_val="i64", off_ptr="*i64", off_val="i64", tok_ptr="*i64",
-             lp_ptr="*fp32", nsz_ptr="*i32", status_ptr="*i32", cidx_ptr="*i32",
+             lp_ptr="*fp32", nsz_ptr="*i32", status_ptr="*i32", ratio_ptr="*fp32",
+             e_ptr="*fp32", e_val="fp32", x_ptr="*fp32", x_val="fp32", cidx_ptr="*i32",
              cval_ptr="*fp32", ws_f="*fp32", ws_i="*i32", stride_p="i64", stride_0="i64")
 
 
@@ -36,17 +37,25 @@ def build(kernel, const, warps):
 
 K, L, CMAX = ks.K_PIVOTS, ks.LEVELS, ks.CMAX_BUF
 configs = [(c.kwargs["BLOCK"], c.kwargs["BLOCK_P"], c.num_warps) for c in ks._CONFIGS]
-variants = ((True, 0, False, False), (False, 0, True, True), (False, 1, False, False),
-            (False, 2, True, True), (False, 3, False, True))
-for i, (greedy, rng, per_row, split) in enumerate(variants):
+# (greedy, RNG mode, per-row parameters, split, kl mode)
+variants = ((True, 0, False, False, False), (False, 0, True, True, False),
+            (False, 1, False, False, True), (False, 2, True, True, True),
+            (False, 3, False, True, False), (True, 0, True, False, True))
+for i, (greedy, rng, per_row, split, kl) in enumerate(variants):
     blk, blk_p, warps = configs[i % len(configs)]  # every autotune config, every variant kind
     build(ks.la_step_kernel, dict(R_PER_ROW=per_row, T_PER_ROW=per_row, P_PER_ROW=per_row,
+                                  KL=kl, E_PER_ROW=per_row, X_PER_ROW=not per_row,
                                   RNG=rng, OFF_PER_ROW=per_row, GREEDY=greedy, SPLIT=split,
                                   SP=32, BLOCK=blk, BLOCK_P=blk_p, K=K, L=L, CMAX=CMAX,
                                   JB=ks.JB_TAU), warps)
-build(ks.la_max_kernel, dict(BLOCK=1024), 4)
+for kl in (False, True):
+    build(ks.la_max_kernel, dict(T_PER_ROW=kl, KL=kl, BLOCK=1024), 4)
 build(ks.la_ladder_kernel, dict(T_PER_ROW=True, BLOCK=256, L=L, SP=64), 4)
 build(ks.la_compact_kernel, dict(T_PER_ROW=False, BLOCK=1024, L=L, CMAX=CMAX, SP=64), 4)
+from linalign.kernels import compose as kc
+TYPES.update(zs_ptr="*" + dtype, zc_ptr="*fp32", zb_ptr="*fp32", bad_ptr="*i32",
+             stride_k="i64", stride_b="i64")
+build(kc.la_compose_kernel, dict(K=3, BLOCK=kc.COMPOSE_BLOCK), 8)
 print("compiled")
 """
 

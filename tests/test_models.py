@@ -161,6 +161,22 @@ def test_command_compare_and_stream():
     assert stream.returncode == 0 and stream.stdout.strip()
 
 
+def test_command_several_principles_and_kl(aligner, capsys):
+    """In process (the model cache is warm): --principle twice with a ratio each, and
+    --kl-budget, give what the Python API gives."""
+    from linalign import cli
+
+    two = ["Answer like a pirate.", "Be brief."]
+    assert cli.main(["generate", PROMPTS[1], "--principle", two[0], "--principle", two[1],
+                     "--ratio", "3", "--ratio", "1", "--max-new-tokens", "10"]) == 0
+    want = aligner.generate(PROMPTS[1], [two], ratio=[[3.0, 1.0]], max_new_tokens=10).text
+    assert capsys.readouterr().out.strip() == want.strip()
+    assert cli.main(["generate", PROMPTS[1], "--principle", PRINCIPLE, "--kl-budget", "2",
+                     "--max-new-tokens", "10"]) == 0
+    want = aligner.generate(PROMPTS[1], PRINCIPLE, kl_budget=2.0, max_new_tokens=10).text
+    assert capsys.readouterr().out.strip() == want.strip()
+
+
 @pytest.mark.parametrize("args, message", [
     (["generate", "", "--principle", "x"], "the prompt is empty"),
     (["generate", "hi"], "required: --principle"),

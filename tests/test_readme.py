@@ -25,6 +25,15 @@ def test_step_example_runs():
     assert out.tokens.shape == (4,) and (out.status == 0).all()
 
 
+def test_kl_and_principles_example_runs():
+    scope = _example("linalign.sample(")  # it continues the step example
+    (code,) = [c for c in _blocks("python") if "kl_budget=0.5" in c]
+    exec(compile(code, "README.md", "exec"), scope)
+    out = scope["out"]
+    assert out.tokens.shape == (4,) and out.ratio.shape == (2, 4)
+    assert (out.ratio == torch.tensor([[3.0], [1.0]])).all()
+
+
 def test_decoder_example_runs(capsys):
     scope = _example("LinearAligner(")
     result = scope["result"]

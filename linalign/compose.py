@@ -1,0 +1,50 @@
+"""Several principles at once (SPEC section 4) on the fast backends.
+
+K principle branches ``z_1..z_K`` and one base ``z_0`` with ratios ``r_k`` give the nucleus of
+``softmax(z_c / T)``, ``z_c = z_0 + sum_k (z_k - z_0)``, and the aligned logits
+``a = z_0 + sum_k (1 + r_k) (z_k - z_0)`` on it. ``compose`` turns the K + 1 branches into the
+two that the one-principle step takes: ``z_c`` as the principle branch and
+``z_b = 2 z_c - a`` as the without-branch, so that the step with ratio 1,
+``z_c + 1 (z_c - z_b) = a``, scores exactly the composed logits (up to fp32 rounding) with
+the composed nucleus. One elementwise pass over the K + 1 rows, then the usual step (its
+Triton kernel on a GPU).
+
+For K >= 2 a token that is -inf in any branch is banned and outside the nucleus (``z_c`` is
+undefined there: the product of experts gives it no mass); NaN and +inf are bad input, as
+everywhere: the row is flagged and the entry is treated as banned. K = 1 never comes here
+(``linalign.step`` runs it as the one-principle step itself).
+"""
+import torch
+
+FMAX = torch.finfo(torch.float32).max
+_INF = float("inf")
+
+
+def _col(r, B, device):
+    if isinstance(r, torch.Tensor):
+        return r.to(device=device, dtype=torch.float32).reshape(B, 1)
+    return float(r)
+
+
+def compose(logits, logits_0, ratios):
+    """``logits`` [K, B, V] and ``logits_0`` [B, V] (fp32/bf16/fp16), ``ratios`` K numbers
+    or [B] tensors -> (``z_c``, ``z_b``, ``bad``): two fp32 [B, V] branches for the step with
+    ratio 1, and the [B] bool rows that held NaN or +inf in some branch."""
+    K, B, V = logits.shape
+    dev = logits.device
+    zs, z0 = logits.float(), logits_0.float()
+    bad_s = torch.isnan(zs) | (zs == _INF)
+    bad_0 = torch.isnan(z0) | (z0 == _INF)
+    bad = bad_s.any(-1).any(0) | bad_0.any(-1)
+    finite = ((zs > -_INF) & ~bad_s).all(0) & (z0 > -_INF) & ~bad_0
+    z0f = torch.where(finite, z0, 0.0)
+    d = torch.where(finite, zs - z0f, 0.0)  # [K, B, V]
+    zc = torch.where(finite, zs[0], 0.0)
+    for k in range(1, K):
+        zc = zc + d[k]  # z_1 + sum_{k >= 2} (z_k - z_0): the reference's order
+    zc = zc.clamp(-FMAX, FMAX)
+    a = z0f
+    for k in range(K):
+        a = (a + (1.0 + _col(ratios[k], B, dev)) * d[k]).clamp(-FMAX, FMAX)
+    zb = (2.0 * zc - a).clamp(-FMAX, FMAX)
+    return (torch.where(finite, zc, -_INF), torch.where(finite, zb, -_INF), bad)
