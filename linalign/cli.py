@@ -13,7 +13,9 @@ import os
 import sys
 import time
 
+from .api import MAX_RATIO
 from .decoder import DEFAULTS, MODES
+from .runner import add_run_parser, run_command
 
 
 class UsageError(Exception):
@@ -58,10 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Answer PROMPT with Linear Alignment towards --principle, "
                        "with the embedded SmolLM2-135M-Instruct unless --model is given.")
     g.add_argument("prompt", help="the user's message")
-    g.add_argument("--principle", required=True,
-                   help="the preference, in plain words (goes into the system message)")
-    g.add_argument("--ratio", type=_float(what="a finite number"), default=DEFAULTS["ratio"],
-                   help="how far past the principle branch to push (default %(default)s)")
+    g.add_argument("--principle", required=True, action="append",
+                   help="the preference, in plain words (goes into the system message); "
+                   "give it more than once to align with several principles at once")
+    g.add_argument("--ratio", type=_float(what="a finite number"), action="append",
+                   default=None, help="how far past the principle branch to push (default "
+                   f"{DEFAULTS['ratio']:g}); once for every principle, or once per --principle")
+    g.add_argument("--kl-budget", type=_float(0.0, what="a number >= 0"), default=None,
+                   metavar="EPS", help="instead of --ratio: the closed-form step, a ratio per "
+                   "token that moves the answer EPS nats from the plain model (one principle)")
+    g.add_argument("--max-ratio", type=_float(0.0, what="a number >= 0"), default=MAX_RATIO,
+                   help="cap on the ratio that --kl-budget gives (default %(default)s)")
     g.add_argument("--temperature", type=_float(0.0, what="a number >= 0"),
                    default=DEFAULTS["temperature"], help="default %(default)s")
     g.add_argument("--top-p", type=_float(0.0, 1.0, lo_open=True, what="a number in (0, 1]"),
@@ -90,14 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's choice)")
     g.add_argument("--stats", action="store_true", help="print load and decoding times to "
                    "stderr")
+    add_run_parser(sub)  # linalign run: many prompts from a JSON-lines file (runner.py)
     return parser
 
 
 def _check(args):
     if not args.prompt.strip():
         raise UsageError("the prompt is empty")
-    if not args.principle.strip():
+    if any(not p.strip() for p in args.principle):
         raise UsageError("--principle is empty")
+    K = len(args.principle)
+    if args.kl_budget is not None:
+        if args.ratio is not None:
+            raise UsageError("give --ratio or --kl-budget, not both")
+        if K > 1:
+            raise UsageError("--kl-budget is for one --principle (the closed-form step of "
+                             "one principle); use --ratio with several")
+    elif args.ratio is None:
+        args.ratio = [DEFAULTS["ratio"]]
+    if args.ratio is not None and len(args.ratio) not in (1, K):
+        raise UsageError(f"--ratio given {len(args.ratio)} times for {K} principles: give it "
+                         "once, or once per --principle")
     if args.model is not None and not os.path.exists(os.path.expanduser(args.model)):
         raise UsageError(f"--model {args.model}: no such folder or file")
     if args.threads == 0:
@@ -121,30 +143,37 @@ def _generate(args, out):
     load = time.perf_counter() - t0
     kw = dict(temperature=args.temperature, top_p=args.top_p, greedy=args.greedy,
               max_new_tokens=args.max_new_tokens, seed=args.seed)
+    principle = args.principle[0] if len(args.principle) == 1 else [args.principle]
+    if args.kl_budget is not None:
+        how = dict(kl_budget=args.kl_budget, max_ratio=args.max_ratio)
+        title = f"Linear Alignment (kl budget {args.kl_budget:g})"
+    else:
+        ratio = args.ratio[0] if len(args.ratio) == 1 else [args.ratio]
+        how = dict(ratio=ratio)
+        title = f"Linear Alignment (ratio {', '.join(f'{r:g}' for r in args.ratio)})"
     if args.compare:
         for title, run in (
                 ("without the principle",
                  lambda: aligner.generate_plain(args.prompt, **kw)),
                 ("principle in the prompt only",
-                 lambda: aligner.generate_plain(args.prompt, args.principle, **kw)),
-                (f"Linear Alignment (ratio {args.ratio:g})",
-                 lambda: aligner.generate(args.prompt, args.principle, ratio=args.ratio,
-                                          mode=args.mode, **kw))):
+                 lambda: aligner.generate_plain(args.prompt, " ".join(args.principle), **kw)),
+                (title,
+                 lambda: aligner.generate(args.prompt, principle, mode=args.mode, **how,
+                                          **kw))):
             out.write(f"=== {title} ===\n")
             _show(run(), args.stats, out)
             out.write("\n")
     elif args.stream:
         t0 = time.perf_counter()
-        for piece in aligner.stream(args.prompt, args.principle, ratio=args.ratio,
-                                    mode=args.mode, **kw):
+        for piece in aligner.stream(args.prompt, principle, mode=args.mode, **how, **kw):
             out.write(piece)
             out.flush()
         out.write("\n")
         if args.stats:
             print(f"generated in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     else:
-        _show(aligner.generate(args.prompt, args.principle, ratio=args.ratio, mode=args.mode,
-                               **kw), args.stats, out)
+        _show(aligner.generate(args.prompt, principle, mode=args.mode, **how, **kw),
+              args.stats, out)
     if args.stats:
         print(f"model loaded in {load:.1f} s", file=sys.stderr)
 
@@ -164,6 +193,8 @@ def main(argv=None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        if args.command == "run":
+            return run_command(args)
         _check(args)
         _generate(args, sys.stdout)
     except UsageError as e:
