@@ -279,7 +279,7 @@ def run_grid(Bs, Vs, dtypes, modes, device, threads, out_csv, steepness=(1.2, 2.
           f"{list(modes)}; providers {list(table)}; 'torch' only for B * V <= {TORCH_MAX_BV}")
     print(f"{'dtype':>8} {'mode':>6} {'B':>4} {'V':>7} "
           + " ".join(f"{n + ' us':>22}" for n in table))
-    rows, skipped, compile_s = [], [], {}
+    rows, skipped, compile_s, failed = [], [], {}, {}
     pools = {}
     f, w = open_csv(out_csv)
     with f:
@@ -298,18 +298,25 @@ def run_grid(Bs, Vs, dtypes, modes, device, threads, out_csv, steepness=(1.2, 2.
                     for mode in modes:
                         cells = []
                         for name, fn in table.items():
-                            if name == "torch" and B * V > TORCH_MAX_BV:
+                            if (name == "torch" and B * V > TORCH_MAX_BV) or name in failed:
                                 cells.append(f"{'-':>22}")
                                 continue
-                            if name == "reference-compiled":
-                                key = (str(dtype)[6:], mode, "B=1" if B == 1 else "B>1")
-                                if key not in compile_s:  # the first call compiles
-                                    t = time.perf_counter()
-                                    fn(zp, z0, mode)
-                                    if device.type == "cuda":
-                                        torch.cuda.synchronize()
-                                    compile_s[key] = time.perf_counter() - t
-                            m, s = timer(lambda: fn(zp, z0, mode))
+                            try:
+                                if name == "reference-compiled":
+                                    key = (str(dtype)[6:], mode, "B=1" if B == 1 else "B>1")
+                                    if key not in compile_s:  # the first call compiles
+                                        t = time.perf_counter()
+                                        fn(zp, z0, mode)
+                                        if device.type == "cuda":
+                                            torch.cuda.synchronize()
+                                        compile_s[key] = time.perf_counter() - t
+                                m, s = timer(lambda: fn(zp, z0, mode))
+                            except Exception as e:  # a baseline that breaks (e.g. inductor)
+                                failed[name] = f"{type(e).__name__} at {B}x{V} {mode}: " + \
+                                    (str(e).splitlines() or [""])[0][:200]
+                                print(f"# {name} failed, left out from here on: {failed[name]}")
+                                cells.append(f"{'failed':>22}")
+                                continue
                             row = _row(B, V, dtype, steepness, mode, name, m, s, info)
                             rows.append(row)
                             w.writerow(row)
@@ -322,6 +329,8 @@ def run_grid(Bs, Vs, dtypes, modes, device, threads, out_csv, steepness=(1.2, 2.
     if compile_s:
         print(f"# reference-compiled: {len(compile_s)} graphs compiled, first calls took "
               + ", ".join(f"{'/'.join(k)} {v:.1f} s" for k, v in compile_s.items()))
+    for name, why in failed.items():
+        print(f"# {name}: failed ({why})")
     if skipped:
         print(f"# --time-limit {time_limit} s reached: {len(skipped)} (dtype, B, V) cells not "
               "run: " + ", ".join(f"{str(d)[6:]} {B}x{V}" for d, B, V in skipped))

@@ -386,7 +386,9 @@ def _composed(logits, logits_0, ratio, temperature, top_p, greedy, generator, se
                torch.tensor(size, dtype=torch.int32, device=dev),
                torch.tensor(status, dtype=torch.int32, device=dev))
     else:
-        if which == "triton":  # one fused elementwise launch (kernels/compose.py)
+        if which == "triton" and not torch.compiler.is_compiling():
+            # one fused elementwise launch (kernels/compose.py); under torch.compile the
+            # torch version below, which the compiler fuses itself
             from . import kernels
 
             r = torch.stack([x.to(torch.float32) if isinstance(x, torch.Tensor) else

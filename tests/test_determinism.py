@@ -54,7 +54,20 @@ def test_same_tokens_in_fresh_processes():
         assert a["torch-" + kind] == a["reference-" + kind] == a["triton-" + kind], kind
 
 
+def _interpreter_works():
+    # Triton 3.6's interpreter fails on loops with runtime bounds under numpy >= 2.4
+    # ("only 0-dimensional arrays can be converted"; PLATFORM.md). The GPU machine has
+    # triton 3.6 with numpy 2.4, so there the interpreter half of this test cannot run.
+    import numpy
+    import triton
+
+    old_numpy = tuple(int(x) for x in numpy.__version__.split(".")[:2]) < (2, 4)
+    return old_numpy or tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 7)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (compiled kernel)")
+@pytest.mark.skipif(torch.cuda.is_available() and not _interpreter_works(),
+                    reason="Triton 3.6's interpreter needs numpy < 2.4 (PLATFORM.md)")
 def test_compiled_kernel_matches_the_interpreter():
     """The compiled kernel (CUDA) and the interpreter (CPU) draw from the same Philox stream
     and compute in fp32, so they give the same tokens. Greedy tokens must match exactly.

@@ -106,6 +106,60 @@ def test_no_host_sync_and_cuda_graph_capture(B):
             assert torch.equal(a, b)
 
 
+def variant_step(zp, z0, zq, seeds, offset, eps):
+    """kl mode and two principles in one compiled function (SPEC 3 and 4)."""
+    kl = linalign.step(zp, z0, kl_budget=eps, temperature=0.5, top_p=0.8, seed=seeds,
+                       offset=offset, backend="triton", check=False)
+    two = linalign.step(torch.stack([zp, zq]), z0, ratio=[3.0, 1.0], temperature=0.5,
+                        top_p=0.8, seed=seeds, offset=offset, backend="triton", check=False)
+    return kl.tokens, kl.ratio, two.tokens, two.logprobs
+
+
+def test_kl_and_principles_compile_and_capture(device):
+    """fullgraph without recompiles across offsets; on a GPU also no host sync and a CUDA
+    graph whose replays on new logits equal eager calls."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    B, V = 3, 900
+    eps = torch.tensor([0.1, 1.0, 5.0], device=device)
+    seeds = torch.tensor([1, 2, 3], device=device)
+    bufs = [two_branch(B, V, seed=s, temperature=0.5, device=device) for s in (1, 2)]
+    zp, z0, zq = bufs[0][0], bufs[0][1], bufs[1][0]
+    fn = torch.compile(variant_step, fullgraph=True,
+                       backend="inductor" if device.type == "cuda" else "aot_eager")
+    for i in range(2):
+        off = torch.full((B,), i, device=device, dtype=torch.int64)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got = fn(zp, z0, zq, seeds, off, eps)
+        want = variant_step(zp, z0, zq, seeds, off, eps)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+        torch.testing.assert_close(got[1], want[1])
+    if device.type != "cuda":
+        return
+    off = torch.zeros(B, device=device, dtype=torch.int64)
+    run = lambda: variant_step(zp, z0, zq, seeds, off, eps)  # noqa: E731
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static = run()
+    for i in range(2):
+        new = [two_branch(B, V, seed=10 + i + s, temperature=0.5, device=device) for s in (0, 5)]
+        zp.copy_(new[0][0])
+        z0.copy_(new[0][1])
+        zq.copy_(new[1][0])
+        off.fill_(i + 1)
+        g.replay()
+        for a, b in zip(static, run()):
+            assert torch.equal(a, b)
+
+
 @gpu_only
 def test_compiled_with_cuda_graphs():
     # mode="reduce-overhead": inductor captures the compiled step in CUDA graphs.
