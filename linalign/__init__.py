@@ -10,7 +10,7 @@ from .api import BACKENDS, Status, StepOutput, sample, step
 
 __version__ = "0.1.0"
 __all__ = ["step", "sample", "StepOutput", "Status", "BACKENDS", "reference",
-           "LinearAligner", "GenerationResult", "load_default_model", "load_model"]
+           "LinearAligner", "GenerationResult", "load_default_model", "load_model", "hf"]
 
 
 def __getattr__(name):
@@ -21,4 +21,7 @@ def __getattr__(name):
     if name in ("load_default_model", "load_model"):
         from . import models
         return getattr(models, name)
+    if name == "hf":  # Hugging Face generate integration (imports transformers)
+        import importlib
+        return importlib.import_module(".hf", __name__)
     raise AttributeError(f"module 'linalign' has no attribute {name!r}")

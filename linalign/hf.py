@@ -1,0 +1,439 @@
+"""Linear Alignment inside Hugging Face ``generate``, for code that already calls it.
+
+Two ways in (design and limits: docs/hf.md):
+
+- ``LinearAlignmentLogitsProcessor``: a ``transformers.LogitsProcessor``. ``generate`` runs
+  the principle branch (its ``input_ids``) as usual; on every call the processor runs the
+  branch without the principle through the same model, with its own KV cache, and turns the
+  principle branch's scores into the aligned scores ``s`` of SPEC 1.3 (``-inf`` off the
+  nucleus). ``do_sample=False`` then picks ``argmax s``, the Linear Alignment greedy token;
+  sampling with no other warper draws from ``softmax(s)``.
+- ``generate``: a ``custom_generate`` callable (``model.generate(...,
+  custom_generate=linalign.hf.generate)``; transformers 5.17 and 5.24 take a callable), also
+  callable directly as ``linalign.hf.generate(model, ...)``. Both branches run as one
+  stacked batch of 2B rows (one forward per step: the decoder's prefill and cache, left
+  padding, positions from the masks) and ``linalign.step`` picks each token.
+
+``prepare`` builds both branches' ids from text with the chat template, as
+``LinearAligner.branches`` does. ``masked_scores`` is the score vector both ways share.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor
+from transformers.generation import GenerateDecoderOnlyOutput
+
+from .api import Status, step
+from .decoder import DEFAULTS, LinearAligner, _id_rows, _left_pad
+from .reference import FMAX, aligned_scores
+
+#: Positions added to the processor's attention mask each time it runs out (it does not
+#: know ``max_new_tokens``).
+MASK_CHUNK = 64
+#: The step arguments that choose a token; the processor leaves that to ``generate``.
+_TOKEN_ARGS = ("greedy", "generator", "seed", "offset")
+#: What ``generate`` hands a ``custom_generate`` callable besides our own arguments
+#: (transformers 5.17: ``past_key_values``; 5.24: ``cache``). Its cache stays unused.
+_HF_MODEL_KWARGS = {"attention_mask", "position_ids", "logits_to_keep", "cache",
+                    "past_key_values", "use_cache", "cache_position"}
+
+
+# ----------------------------------------------------------------------------- scores
+def masked_scores(logits_p, logits_0, *, ratio=None, temperature=DEFAULTS["temperature"],
+                  top_p=DEFAULTS["top_p"], **step_kwargs):
+    """The aligned scores of SPEC 1.3 for every token, and the step that found the nucleus.
+
+    logits_p, logits_0: [B, V] (see ``linalign.api``). Returns ``(s, out)``: ``s`` [B, V]
+    fp32, ``s_i = (z_p[i] + r (z_p[i] - z_0[i])) / T`` on the allowed set (the nucleus of
+    ``softmax(z_p / T)`` less tokens banned in either branch; r = 0 on rows that fell back)
+    and ``-inf`` elsewhere, so ``argmax s`` is the step's greedy token and ``softmax(s)`` its
+    sampling distribution (``linalign.reference.distribution``); ``out`` is the
+    ``StepOutput`` of ``linalign.step(greedy=True)`` on the same logits. A T = 0 row scores
+    its greedy token 0 and every other token ``-inf``.
+
+    ratio: default 3.0 (the authors'), unless ``kl_budget=`` is among ``step_kwargs``
+    (SPEC 3). ``step_kwargs`` go to ``linalign.step`` unchanged (``kl_budget``,
+    ``max_ratio``, ``backend``, ``check``). Bad arguments raise as ``linalign.step`` does.
+    """
+    kw = _ratio_args(ratio, step_kwargs)
+    out = step(logits_p, logits_0, temperature=temperature, top_p=top_p, greedy=True, **kw)
+    return _scores(logits_p, logits_0, out, kw.get("ratio"), temperature), out
+
+
+def _ratio_args(ratio, step_kwargs):
+    """linalign.step's ratio / kl_budget arguments: exactly one of them."""
+    if ratio is None and step_kwargs.get("kl_budget") is None:
+        ratio = DEFAULTS["ratio"]
+    return {k: v for k, v in dict(step_kwargs, ratio=ratio).items() if v is not None}
+
+
+def _col(x, B, device):
+    """A number or a [B] tensor as an fp32 [B, 1] column."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float32).reshape(B, 1)
+    return torch.full((B, 1), float(x), device=device)
+
+
+def _scores(logits_p, logits_0, out, ratio, temperature):
+    # logits_p, logits_0: [B, V]; out: linalign.step's output on them -> s: [B, V] fp32
+    zp, z0 = logits_p.float(), logits_0.float()
+    B, V = zp.shape
+    ninf = float("-inf")
+    # The nucleus is the top-|N| of z_p with its ties (SPEC 1.2), so |N| gives it back: every
+    # token at or above the |N|-th largest logit.
+    k = out.nucleus_size.long().clamp(min=1)[:, None]  # [B, 1]
+    tau = zp.topk(int(k.max()), dim=-1).values.gather(-1, k - 1)
+    fallback = (out.status & int(Status.FALLBACK)) != 0
+    allowed = (zp >= tau) & (zp > ninf) & ((z0 > ninf) | fallback[:, None])
+    r = getattr(out, "ratio", None)  # the ratio the step used per row (kl mode: r_eff)
+    if r is None:
+        r = torch.where(fallback, 0.0, _col(ratio, B, zp.device)[:, 0])
+    a = aligned_scores(zp, torch.where(allowed, z0, zp), r.reshape(B, 1).float())
+    T = _col(temperature, B, zp.device)
+    s = torch.where(allowed, (a / torch.where(T > 0, T, 1.0)).clamp(-FMAX, FMAX), ninf)
+    one_hot = torch.arange(V, device=zp.device) == out.tokens[:, None]
+    return torch.where(T > 0, s, torch.where(one_hot, 0.0, ninf))
+
+
+# ----------------------------------------------------------------------------- inputs
+def _unpadded(name, ids, mask, vocab) -> list[list[int]]:
+    """Prompt ids without their padding, one list per row. ids: lists of ints, or a [B, L]
+    (or [L]) tensor; mask: None (every id is real) or 0/1 of the same shape."""
+    if mask is not None:
+        ids = torch.as_tensor(ids)
+        mask = torch.as_tensor(mask)
+        if mask.shape != ids.shape:
+            raise ValueError(f"{name} has shape {list(ids.shape)} but its attention mask has "
+                             f"shape {list(mask.shape)}; expected the same shape")
+        if ids.dim() == 1:
+            ids, mask = ids[None], mask[None]
+        ids = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
+    return _id_rows(name, ids, vocab)
+
+
+def _expand(rows, B, name):
+    """The W rows of the without-branch for the B rows that generate runs: B = k W when
+    generate repeats each prompt k times (num_return_sequences), each row k times in turn."""
+    W = len(rows)
+    if B % W:
+        raise ValueError(f"generate runs {B} rows of the principle branch but {name} has {W} "
+                         f"rows; expected one row per prompt ({B} rows, or {B} / "
+                         "num_return_sequences)")
+    k = B // W
+    return [r for r in rows for _ in range(k)], k
+
+
+def _per_row(name, x, W, k, device):
+    """A number stays a number; W values (a list or a [W] tensor, one per prompt) or W k
+    (one per generated sequence) become a [W k] fp32 tensor on ``device``."""
+    if isinstance(x, (list, tuple)):
+        x = torch.tensor(x, dtype=torch.float32)
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return x
+    if x.numel() == W:
+        x = x.repeat_interleave(k)
+    elif x.numel() != W * k:
+        raise ValueError(f"{name} has {x.numel()} values; expected one number, one per "
+                         f"prompt ({W}) or one per generated sequence ({W * k})")
+    return x.to(device=device, dtype=torch.float32)
+
+
+def _model_aligner(model, pad_id=None) -> LinearAligner:
+    """A LinearAligner over ``model`` that only moves ids (its prefill and cache)."""
+    gc = getattr(model, "generation_config", None)
+    if pad_id is None:
+        for pad_id in (getattr(gc, "pad_token_id", None),
+                       getattr(model.config, "pad_token_id", None),
+                       getattr(gc, "eos_token_id", None), 0):
+            if pad_id is not None:
+                break
+    pad_id = pad_id[0] if isinstance(pad_id, (list, tuple)) else pad_id
+    return LinearAligner(model, _SpecialIds(int(pad_id)))
+
+
+class _SpecialIds:
+    """What LinearAligner reads from a tokenizer when it only moves ids: the padding id (left
+    padding is masked out, so any id in the vocabulary will do) and no chat template."""
+
+    chat_template = None
+    eos_token_id = None
+
+    def __init__(self, pad_token_id):
+        self.pad_token_id = pad_token_id
+
+
+def prepare(tokenizer, prompts, principle, system=None, *, device=None) -> dict:
+    """Both branches' prompt ids for ``generate``, built exactly as ``LinearAligner.branches``
+    builds them (the principle after ``system`` in the system message; without a chat
+    template ``principle + "\\n\\n" + prompt``).
+
+    prompts: a string or a list; principle: one string or one per prompt. Returns a dict of
+    [B, L] int64 tensors, left padded with the tokenizer's pad (else end-of-sequence) id:
+    ``input_ids``, ``attention_mask`` (the principle branch) and ``ids_without``,
+    ``attention_mask_without``, so that ``model.generate(**prepare(...),
+    custom_generate=linalign.hf.generate)`` works as written.
+    """
+    builder = LinearAligner.__new__(LinearAligner)
+    # LinearAligner's prompt methods read only these (a model is not needed for prompts).
+    builder.tokenizer, builder.system = tokenizer, system
+    builder._template = getattr(tokenizer, "chat_template", None) is not None
+    builder._default_system = builder._find_default_system() if builder._template else None
+    ids_with, ids_without = builder.branches(prompts, principle)
+    if ids_with and isinstance(ids_with[0][0], list):
+        raise ValueError("linalign.hf takes one principle per prompt (a string, or one string "
+                         "per prompt); several principles at once: LinearAligner.generate")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token "
+                         "(pad_token_id and eos_token_id are None): set tokenizer.pad_token_id")
+    out = {}
+    for key, rows in (("", ids_with), ("_without", ids_without)):
+        ids, mask = _left_pad(rows, int(pad), max(map(len, rows)), 0)
+        out["input_ids" if not key else "ids" + key] = ids.to(device)
+        out["attention_mask" + key] = mask.to(device)
+    return out
+
+
+# ----------------------------------------------------------------------------- processor
+class LinearAlignmentLogitsProcessor(LogitsProcessor):
+    """Linear Alignment as a logits processor for ``model.generate``.
+
+    ``model.generate(input_ids=<principle branch>, attention_mask=...,
+    logits_processor=[proc], do_sample=False)`` gives the Linear Alignment greedy tokens;
+    ``do_sample=True, temperature=1.0, top_p=1.0, top_k=0`` (no other warper: they would
+    act on the aligned scores, see docs/hf.md) samples from the aligned distribution.
+
+    model: the model that ``generate`` runs. ids_without: the prompt ids of the branch without
+    the principle, one row per prompt, in the order of ``input_ids`` (lists of ints, or a
+    [B, L] tensor with ``attention_mask_without``, 0 on padding; without a mask every id is a
+    prompt token). ratio (default 3.0, unless ``kl_budget=`` is given), temperature, top_p:
+    a number or one per prompt (SPEC section 1; ``linalign.api``). Other keyword arguments
+    go to ``linalign.step`` (``kl_budget``, ``max_ratio``, ``backend``, ``check``).
+
+    Each call takes the principle branch's ``input_ids`` [B, L] and ``scores`` [B, V] (raw
+    logits, or what earlier processors made of them) and returns ``masked_scores``. The first
+    call of a generation prefills the without-branch (left padding, mask, positions from
+    the mask); later calls feed it the token ``generate`` appended, ``input_ids[:, -1]``. B
+    may be a multiple of the rows of ``ids_without`` (``num_return_sequences``). Called
+    again with the same prompts it starts over; with other prompts it raises ``ValueError``
+    (``reset(ids_without=...)`` rebinds it). Beam search is refused (``ValueError``).
+    """
+
+    def __init__(self, model, ids_without, attention_mask_without=None, *, ratio=None,
+                 temperature=DEFAULTS["temperature"], top_p=DEFAULTS["top_p"], **step_kwargs):
+        bad = sorted(set(step_kwargs) & set(_TOKEN_ARGS))
+        if bad:
+            raise TypeError(f"{bad}: the processor returns scores and generate picks the token "
+                            "(do_sample=False for greedy, do_sample=True to sample); for "
+                            "linalign's own seeded sampling use linalign.hf.generate")
+        self.model = model
+        self._aligner = _model_aligner(model)
+        # per-row values (one per prompt) are repeated with the prompts, see _per_row
+        self._params = dict(ratio=ratio, temperature=temperature, top_p=top_p,
+                            **{k: step_kwargs.pop(k) for k in ("kl_budget", "max_ratio")
+                               if k in step_kwargs})
+        self._step_kwargs = step_kwargs
+        self.reset(ids_without, attention_mask_without)
+
+    def reset(self, ids_without=None, attention_mask_without=None):
+        """Drop the without-branch's KV cache (the next call prefills again). With
+        ``ids_without``: bind the processor to new prompts."""
+        if ids_without is not None:
+            self._rows = _unpadded("ids_without", ids_without, attention_mask_without,
+                                   self._aligner.vocab_size)
+        self._part = None    # the without-branch's _Part (cache, mask, positions)
+        self._prompt = None  # [B, P] the principle-branch prompt of this generation
+        self._length = 0     # input_ids length at the last call
+        self._kw = None      # the step's per-row arguments for this generation's B rows
+
+    def __call__(self, input_ids, scores):
+        # input_ids: [B, L] the principle branch so far; scores: [B, V] its next-token scores
+        with torch.no_grad():
+            z0 = self._without_logits(input_ids, scores)
+            return masked_scores(scores, z0, **self._kw)[0]
+
+    def _without_logits(self, input_ids, scores) -> torch.Tensor:
+        # -> [B, V] next-token logits of the branch without the principle
+        B, L = input_ids.shape
+        if self._part is not None:
+            P = self._prompt.shape[1]
+            if L == self._length + 1 and torch.equal(input_ids[:, :P], self._prompt):
+                self._length = L
+                part = self._part
+                if part.length + 1 > part.mask.shape[1]:
+                    part.mask = torch.cat([part.mask, part.mask.new_ones(
+                        (part.mask.shape[0], MASK_CHUNK))], dim=1)
+                return self._aligner._decode_one(part, input_ids[:, -1].to(part.mask.device))
+            if not torch.equal(input_ids, self._prompt):
+                raise ValueError(
+                    f"this processor is in the middle of a generation (principle-branch "
+                    f"prompt of shape {list(self._prompt.shape)}, {self._length} ids seen) and "
+                    f"got input_ids of shape {list(input_ids.shape)} that do not continue it: "
+                    "a new generate call with other prompts needs "
+                    "proc.reset(ids_without=...) or a new processor")
+        # The first call of a generation: log-probabilities instead of logits mean beam
+        # search, whose row reordering the without-branch cache cannot follow.
+        if bool(torch.allclose(scores.float().logsumexp(-1), scores.new_zeros(B).float(),
+                               atol=1e-4)):
+            raise ValueError("the scores are log-probabilities (every row's logsumexp is 0): "
+                             "beam search (num_beams > 1) is not supported by Linear "
+                             "Alignment's processor; use do_sample=False or do_sample=True "
+                             "with num_beams=1")
+        rows, k = _expand(self._rows, B, "ids_without")
+        dev = scores.device
+        self._kw = {name: _per_row(name, x, len(self._rows), k, dev)
+                    for name, x in self._params.items()}
+        self._kw.update(self._step_kwargs)
+        self._part, z0 = self._aligner._prefill(rows, MASK_CHUNK)
+        self._prompt, self._length = input_ids.clone(), L
+        return z0
+
+
+# ----------------------------------------------------------------------------- generate
+def _is_warper(processor) -> bool:
+    # Sampling warpers reshape the distribution the step defines; processors (penalties,
+    # banned words, minimum length) act on the principle branch before the step.
+    name = type(processor).__name__
+    return name.endswith("LogitsWarper") or name == "LogitNormalization"
+
+
+def _is_default_top_k(processor) -> bool:
+    # generate adds top-k 50, its library default, to every sampling call whose config does
+    # not set top_k: ignored without a warning (one the user set is warned about).
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", dict)()
+    return type(processor).__name__ == "TopKLogitsWarper" and \
+        getattr(processor, "top_k", None) == defaults.get("top_k", 50)
+
+
+def generate(model, input_ids=None, logits_processor=None, stopping_criteria=None,
+             generation_config=None, *, ids_without=None, attention_mask_without=None,
+             ratio=None, temperature=DEFAULTS["temperature"], top_p=DEFAULTS["top_p"],
+             top_k=None, kl_budget=None, max_ratio=None, seed=None, backend="auto",
+             streamer=None, **kwargs):
+    """Linear Alignment decoding as a ``custom_generate`` for ``model.generate``.
+
+    ``model.generate(input_ids=<principle branch>, attention_mask=..., ids_without=...,
+    attention_mask_without=..., custom_generate=linalign.hf.generate, max_new_tokens=...)``
+    (``prepare`` builds these four from text), or ``linalign.hf.generate(model, ...)`` with
+    the same arguments. Both branches run as one batch of 2B rows, one forward per step;
+    each token comes from ``linalign.step``.
+
+    ids_without, attention_mask_without: as for ``LinearAlignmentLogitsProcessor``.
+    ratio (default 3.0 unless ``kl_budget``), temperature, top_p: Linear Alignment's, a
+    number or one per prompt; ``generate`` hands them here, never to its own warpers.
+    kl_budget, max_ratio, backend: passed to ``linalign.step``. top_k: only None or 0 (the
+    nucleus is top_p of the principle branch). seed: sampling draws from ``linalign.step``'s
+    Philox stream with this seed and offset = the step index; None uses torch's global
+    generator (``torch.manual_seed`` reproduces).
+
+    From the generation config: ``max_new_tokens`` / ``max_length``, ``do_sample`` (False:
+    greedy), eos and pad ids (a row ends at eos and emits pad afterwards; finished rows keep
+    running until all are done, as in transformers' own loop), ``stopping_criteria``,
+    ``return_dict_in_generate`` with ``output_scores`` (the aligned scores ``s``, -inf off
+    the nucleus) and ``output_logits`` (the principle branch's raw logits), and
+    ``num_return_sequences``. The logits processors that ``generate`` builds (repetition
+    penalty, bad words, minimum length...) act on the principle branch's logits before the
+    step; sampling warpers are ignored with a warning. ``streamer`` works when this function
+    is called directly (transformers does not hand it to a ``custom_generate`` callable).
+
+    Returns the sequences [B, L + new] (prompt included, as given), or a
+    ``GenerateDecoderOnlyOutput``. Raises ``ValueError`` for beam search, a missing or
+    mismatched ``ids_without``, a prompt too long for the model, a non-empty cache.
+    """
+    if not hasattr(generation_config, "_eos_token_tensor"):
+        # Called directly: model.generate prepares the generation config (defaults, special
+        # tokens, lengths, stopping criteria, num_return_sequences) and calls back here.
+        return model.generate(
+            input_ids, generation_config=generation_config, logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            custom_generate=functools.partial(generate, streamer=streamer),
+            ids_without=ids_without, attention_mask_without=attention_mask_without,
+            ratio=ratio, temperature=temperature, top_p=top_p, top_k=top_k,
+            kl_budget=kl_budget, max_ratio=max_ratio, seed=seed, backend=backend, **kwargs)
+    gc = generation_config
+    if (gc.num_beams or 1) > 1:
+        raise ValueError(f"num_beams={gc.num_beams}: beam search is not supported by Linear "
+                         "Alignment decoding; use num_beams=1 (greedy or sampling)")
+    if top_k not in (None, 0):
+        raise ValueError(f"top_k={top_k}: Linear Alignment's nucleus is top_p of the principle "
+                         "branch; pass top_p (and leave top_k unset or 0)")
+    if ids_without is None:
+        raise ValueError("ids_without is missing: pass the prompt ids of the branch without "
+                         "the principle (ids_without=, attention_mask_without=), e.g. from "
+                         "linalign.hf.prepare(tokenizer, prompts, principle)")
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _HF_MODEL_KWARGS)
+    if unknown:
+        raise TypeError(f"linalign.hf.generate does not take {unknown}; it takes the prompt ids "
+                        f"and attention masks of both branches, and generation settings")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        raise ValueError("a filled KV cache was passed: linalign.hf.generate prefills both "
+                         "branches itself and cannot continue from a cache")
+    processors = [p for p in (logits_processor or []) if not _is_warper(p)]
+    ignored = [type(p).__name__ for p in (logits_processor or [])
+               if _is_warper(p) and not _is_default_top_k(p)]
+    if ignored:
+        warnings.warn(f"linalign.hf.generate ignores the sampling warpers {ignored} (from the "
+                      "generation config): Linear Alignment samples from its own aligned "
+                      "distribution, set by temperature= and top_p= of this call",
+                      UserWarning, stacklevel=2)
+    aligner = _model_aligner(model)
+    B, L = input_ids.shape
+    with_rows = _unpadded("input_ids", input_ids, kwargs.get("attention_mask"),
+                          aligner.vocab_size)
+    without, k = _expand(_unpadded("ids_without", ids_without, attention_mask_without,
+                                   aligner.vocab_size), B, "ids_without")
+    W, dev = B // k, aligner.device
+    N = max(gc.max_length - L, 0)  # generate has set max_length from max_new_tokens
+    aligner._check_length([with_rows, without], N)
+    T = _per_row("temperature", temperature, W, k, dev)
+    kw = dict(_ratio_args(_per_row("ratio", ratio, W, k, dev),
+                          dict(kl_budget=_per_row("kl_budget", kl_budget, W, k, dev),
+                               max_ratio=_per_row("max_ratio", max_ratio, W, k, dev))),
+              temperature=T, top_p=_per_row("top_p", top_p, W, k, dev), backend=backend)
+    greedy = not gc.do_sample
+    pad = gc._pad_token_tensor
+    pads = pad is not None and any(hasattr(c, "eos_token_id") for c in stopping_criteria or [])
+    want = gc.return_dict_in_generate
+    scores, raw = [], []
+    seq = input_ids.to(dev)  # the sequences so far: [B, L + t], on the model's device
+    unfinished = torch.ones(B, dtype=torch.bool, device=dev)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    with torch.no_grad():
+        part, logits = aligner._prefill(with_rows + without, N) if N else (None, None)
+        for t in range(N):
+            # logits: [2B, V], the principle branch's rows first
+            # (a copy: processors may write in place, output_logits keeps the raw ones)
+            zp_raw, z0 = logits[:B].to(torch.float32, copy=True), logits[B:]
+            zp = zp_raw
+            for p in processors:
+                zp = p(seq, zp)
+            out = step(zp, z0, greedy=greedy, seed=seed, offset=t, **kw)
+            s = _scores(zp, z0, out, kw.get("ratio"), T)
+            tok = out.tokens
+            if pads:
+                tok = torch.where(unfinished, tok, pad.to(dev))
+            seq = torch.cat([seq, tok[:, None]], dim=-1)
+            if want and gc.output_scores:
+                scores.append(s)
+            if want and gc.output_logits:
+                raw.append(zp_raw)
+            if streamer is not None:
+                streamer.put(tok.cpu())
+            if stopping_criteria:
+                unfinished &= ~stopping_criteria(seq, s).to(dev)
+            if t + 1 == N or not bool(unfinished.any()):
+                break
+            logits = aligner._decode_one(part, tok.repeat(2))
+    if streamer is not None:
+        streamer.end()
+    if not want:
+        return seq
+    return GenerateDecoderOnlyOutput(sequences=seq,
+                                     scores=tuple(scores) if gc.output_scores else None,
+                                     logits=tuple(raw) if gc.output_logits else None)
