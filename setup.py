@@ -12,6 +12,8 @@ setup(
     # unrelated PyPI package.
     packages=["linalign", "linalign.kernels"],
     package_dir={"linalign": "linalign", "linalign.kernels": "kernels"},
+    # the evaluation prompts (linalign eval, linalign/evaluation.py)
+    package_data={"linalign": ["data/*.txt"]},
     # torch is pinned by the install command (see README); any 2.4+ works.
     install_requires=["torch>=2.4"],
     extras_require={

@@ -15,6 +15,7 @@ import time
 
 from .api import MAX_RATIO
 from .decoder import DEFAULTS, MODES
+from .evaluation import add_eval_parser, eval_command
 from .runner import add_run_parser, run_command
 
 
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print load and decoding times to "
                    "stderr")
     add_run_parser(sub)  # linalign run: many prompts from a JSON-lines file (runner.py)
+    add_eval_parser(sub, _Parser)  # linalign eval: principle adherence (evaluation.py)
     return parser
 
 
@@ -195,6 +197,8 @@ def main(argv=None) -> int:
             return 2
         if args.command == "run":
             return run_command(args)
+        if args.command == "eval":
+            return eval_command(args)
         _check(args)
         _generate(args, sys.stdout)
     except UsageError as e:

@@ -1,0 +1,43 @@
+"""Principle adherence of Linear Alignment on the embedded SmolLM2-135M-Instruct (issue 7).
+
+The same evaluation as ``linalign eval`` (linalign/evaluation.py, docs/eval.md), with the
+results written next to the other benchmarks: benchmarks/results/eval_<device>.csv, .json,
+.samples.jsonl.gz (every answer, gzipped) and .png (adherence against degeneration and
+perplexity; needs matplotlib, skipped with a note without it).
+
+    python benchmarks/eval_principles.py --device cuda --batch-size 576   # the whole grid
+    python benchmarks/eval_principles.py --report benchmarks/results/eval_cuda.json
+
+On the CPU one torch thread is used unless --threads says otherwise (two shared cores: a
+second thread can slow everything down); the whole grid is a GPU job (docs/eval.md has the
+CPU costs and a subset that fits).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from linalign.evaluation import build_eval_parser, eval_command  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main(argv=None) -> int:
+    parser = build_eval_parser(prog="python benchmarks/eval_principles.py",
+                               default_out=os.path.join(HERE, "results", "eval_<device>"))
+    args = parser.parse_args(argv)
+    args.gzip_samples = True  # every answer of the grid: about 5 MB as text, 1 MB gzipped
+    if args.threads is None and not args.report and (
+            args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())):
+        args.threads = 1
+    try:
+        return eval_command(args)
+    except ValueError as e:
+        print(f"eval_principles: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
