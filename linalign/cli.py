@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from ._args import integer, number
 from .api import MAX_RATIO
 from .decoder import DEFAULTS, MODES
 from .evaluation import add_eval_parser, eval_command
@@ -28,28 +29,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {value}")
-    return value
 
 
-def _float(lo=None, hi=None, lo_open=False, what=""):
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
-        if value != value or value in (float("inf"), float("-inf")) or \
-                (lo is not None and (value < lo or (lo_open and value == lo))) or \
-                (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"expected {what}; got {text}")
-        return value
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,17 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--principle", required=True, action="append",
                    help="the preference, in plain words (goes into the system message); "
                    "give it more than once to align with several principles at once")
-    g.add_argument("--ratio", type=_float(what="a finite number"), action="append",
+    g.add_argument("--ratio", type=number(what="a finite number"), action="append",
                    default=None, help="how far past the principle branch to push (default "
                    f"{DEFAULTS['ratio']:g}); once for every principle, or once per --principle")
-    g.add_argument("--kl-budget", type=_float(0.0, what="a number >= 0"), default=None,
+    g.add_argument("--kl-budget", type=number(0.0, what="a number >= 0"), default=None,
                    metavar="EPS", help="instead of --ratio: the closed-form step, a ratio per "
                    "token that moves the answer EPS nats from the plain model (one principle)")
-    g.add_argument("--max-ratio", type=_float(0.0, what="a number >= 0"), default=MAX_RATIO,
+    g.add_argument("--max-ratio", type=number(0.0, what="a number >= 0"), default=MAX_RATIO,
                    help="cap on the ratio that --kl-budget gives (default %(default)s)")
-    g.add_argument("--temperature", type=_float(0.0, what="a number >= 0"),
+    g.add_argument("--temperature", type=number(0.0, what="a number >= 0"),
                    default=DEFAULTS["temperature"], help="default %(default)s")
-    g.add_argument("--top-p", type=_float(0.0, 1.0, lo_open=True, what="a number in (0, 1]"),
+    g.add_argument("--top-p", type=number(0.0, 1.0, lo_open=True, what="a number in (0, 1]"),
                    default=DEFAULTS["top_p"], help="nucleus of the principle branch "
                    "(default %(default)s)")
     mode = g.add_mutually_exclusive_group()
@@ -82,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="argmax inside the nucleus (default)")
     mode.add_argument("--sample", dest="greedy", action="store_false",
                       help="sample from the aligned distribution")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULTS["max_new_tokens"],
+    g.add_argument("--max-new-tokens", type=integer(0), default=DEFAULTS["max_new_tokens"],
                    help="default %(default)s")
-    g.add_argument("--seed", type=_positive_int, default=None,
+    g.add_argument("--seed", type=integer(0), default=None,
                    help="seed for --sample (default: a fresh one)")
     g.add_argument("--system", default=None, help="base system text of both branches "
                    "(default: the chat template's own)")
@@ -96,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "the principle and with the principle only in the prompt")
     g.add_argument("--mode", choices=MODES, default="stacked", help="one forward of 2B rows "
                    "(stacked, default) or two caches")
-    g.add_argument("--threads", type=_positive_int, default=None,
+    g.add_argument("--threads", type=integer(0), default=None,
                    help="torch CPU threads (default: torch's choice)")
     g.add_argument("--stats", action="store_true", help="print load and decoding times to "
                    "stderr")

@@ -54,6 +54,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ._args import integer, number
+
 # ============================================================================ scorers
 # Words: runs of letters, with inner apostrophes kept ("don't", "cookin'" keeps its trailing
 # apostrophe only through the contraction patterns below).
@@ -769,30 +771,8 @@ def _num(v, digits=3):
 
 
 # ============================================================================ command line
-def _int_at_least(lo):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}; got {value}")
-        return value
-    return parse
 
 
-def _number(lo=None, hi=None, lo_open=False, what="a number"):
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
-        if not math.isfinite(value) or (lo is not None and (value < lo or
-                                                            (lo_open and value == lo))) \
-                or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"expected {what}; got {text}")
-        return value
-    return parse
 
 
 def _configure(p: argparse.ArgumentParser, default_out: str | None):
@@ -804,25 +784,25 @@ def _configure(p: argparse.ArgumentParser, default_out: str | None):
                    help="greedy, sampled or both (default %(default)s)")
     p.add_argument("--principles", default=None,
                    help=f"comma-separated subset of: {', '.join(PRINCIPLES)} (default: all)")
-    p.add_argument("--prompts", type=_int_at_least(1), default=None, metavar="N",
+    p.add_argument("--prompts", type=integer(1), default=None, metavar="N",
                    help="use the first N prompts only (default: all)")
     p.add_argument("--prompt-file", default=None, metavar="PATH",
                    help="prompts, one per line (default: linalign/data/eval_prompts.txt)")
-    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=DEFAULT_MAX_NEW_TOKENS,
+    p.add_argument("--max-new-tokens", type=integer(1), default=DEFAULT_MAX_NEW_TOKENS,
                    help="default %(default)s")
-    p.add_argument("--temperature", type=_number(0.0, lo_open=True, what="a number > 0"),
+    p.add_argument("--temperature", type=number(0.0, lo_open=True, what="a number > 0"),
                    default=DEFAULT_TEMPERATURE, help="default %(default)s")
-    p.add_argument("--top-p", type=_number(0.0, 1.0, lo_open=True,
+    p.add_argument("--top-p", type=number(0.0, 1.0, lo_open=True,
                                            what="a number in (0, 1]"),
                    default=DEFAULT_TOP_P, help="default %(default)s")
-    p.add_argument("--seed", type=_int_at_least(0), default=0,
+    p.add_argument("--seed", type=integer(0), default=0,
                    help="base seed of the sampled settings (default %(default)s)")
-    p.add_argument("--kl-max-ratio", type=_number(0.0, what="a number >= 0"), default=None,
+    p.add_argument("--kl-max-ratio", type=number(0.0, what="a number >= 0"), default=None,
                    help="max_ratio of the kl settings (default: the decoder's)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=64,
+    p.add_argument("--batch-size", type=integer(1), default=64,
                    help="prompts per generate call (default %(default)s; a GPU takes the "
                    "whole setting at once, e.g. 576)")
-    p.add_argument("--ppl-batch-size", type=_int_at_least(1), default=None,
+    p.add_argument("--ppl-batch-size", type=integer(1), default=None,
                    help="answers per perplexity forward (default: --batch-size; at most "
                    "1 GiB of logits per forward either way)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: "
@@ -834,7 +814,7 @@ def _configure(p: argparse.ArgumentParser, default_out: str | None):
     p.add_argument("--model", default=None, metavar="PATH",
                    help="a local Hugging Face causal-LM folder or .gguf file (default: the "
                    "embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--threads", type=_int_at_least(1), default=None,
+    p.add_argument("--threads", type=integer(1), default=None,
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=default_out, metavar="PREFIX",
                    help="write PREFIX.csv, PREFIX.json, PREFIX.samples.jsonl and PREFIX.png "

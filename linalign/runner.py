@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._args import integer, number
 from .decoder import DEFAULTS, MODES, _decode_text
 
 #: ``--model`` value that builds the tiny random Llama of ``linalign.testing`` with its byte
@@ -594,30 +595,8 @@ def decode_jobs(aligner, jobs: list[Job], s: Settings, write, *, batch_size: int
 
 
 # ----------------------------------------------------------------------------- the command
-def _float(lo=None, lo_open=False, hi=None, what="a finite number"):
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
-        if not math.isfinite(value) or (lo is not None and (value < lo or
-                                                            (lo_open and value == lo))) \
-                or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"expected {what}; got {text}")
-        return value
-    return parse
 
 
-def _int(lo=0):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}; got {value}")
-        return value
-    return parse
 
 
 DESCRIPTION = ("Decode every line of --input (JSON objects with id, prompt, principle and "
@@ -643,16 +622,16 @@ def add_run_arguments(r):
                    "per line (appended to; existing ids are skipped)")
     r.add_argument("--model", default=None, metavar="PATH", help="a local Hugging Face "
                    "causal-LM folder or .gguf file (default: the embedded SmolLM2)")
-    r.add_argument("--ratio", type=_float(), default=None,
+    r.add_argument("--ratio", type=number(), default=None,
                    help=f"ratio of lines that give none (default {DEFAULT_RATIO})")
-    r.add_argument("--kl-budget", type=_float(0.0, lo_open=True, what="a number > 0"),
+    r.add_argument("--kl-budget", type=number(0.0, lo_open=True, what="a number > 0"),
                    default=None, help="kl mode for lines that give no ratio: per-token "
                    "budget in nats (SPEC section 3)")
-    r.add_argument("--max-ratio", type=_float(0.0, what="a number >= 0"), default=None,
+    r.add_argument("--max-ratio", type=number(0.0, what="a number >= 0"), default=None,
                    help="kl mode: clip the derived ratio to this (default: the decoder's)")
-    r.add_argument("--temperature", type=_float(0.0, what="a number >= 0"),
+    r.add_argument("--temperature", type=number(0.0, what="a number >= 0"),
                    default=DEFAULTS["temperature"], help="default %(default)s")
-    r.add_argument("--top-p", type=_float(0.0, lo_open=True, hi=1.0, what="a number in (0, 1]"),
+    r.add_argument("--top-p", type=number(0.0, lo_open=True, hi=1.0, what="a number in (0, 1]"),
                    default=DEFAULTS["top_p"], help="nucleus of the principle branch (default "
                    "%(default)s)")
     g = r.add_mutually_exclusive_group()
@@ -660,15 +639,15 @@ def add_run_arguments(r):
                    help="argmax inside the nucleus (default)")
     g.add_argument("--sample", dest="greedy", action="store_false",
                    help="sample from the aligned distribution")
-    r.add_argument("--max-new-tokens", type=_int(), default=DEFAULTS["max_new_tokens"],
+    r.add_argument("--max-new-tokens", type=integer(), default=DEFAULTS["max_new_tokens"],
                    help="for lines that give none (default %(default)s)")
-    r.add_argument("--seed", type=_int(), default=None, help="--sample: base of the per-row "
+    r.add_argument("--seed", type=integer(), default=None, help="--sample: base of the per-row "
                    "seeds, mixed with each id (default: a fresh one); a line's own seed wins")
-    r.add_argument("--batch-size", type=_int(1), default=8,
+    r.add_argument("--batch-size", type=integer(1), default=8,
                    help="rows per generate call (default %(default)s)")
     r.add_argument("--strict", action="store_true", help="stop (exit code 2) at a malformed "
                    "input line instead of reporting and skipping it")
-    r.add_argument("--threads", type=_int(1), default=None,
+    r.add_argument("--threads", type=integer(1), default=None,
                    help="torch CPU threads per process (default: torch's choice)")
     r.add_argument("--mode", choices=MODES, default="stacked",
                    help="one forward of 2B rows (stacked, default) or two caches")
@@ -684,7 +663,7 @@ def add_run_arguments(r):
                    help="decode nothing: merge --output and the part files (default: every "
                    "OUTPUT.rank*-of-* beside it) into --output in input order")
     # test hook: stop as if interrupted once this many rows are written
-    r.add_argument("--stop-after", type=_int(1), default=None, help=argparse.SUPPRESS)
+    r.add_argument("--stop-after", type=integer(1), default=None, help=argparse.SUPPRESS)
 
 
 def _settings(args) -> Settings:
