@@ -3,7 +3,8 @@
 The interpreter accepts code that the compiler rejects (globals that are not constexpr,
 type mismatches in loop-carried values), so CPU-only CI compiles the kernel ahead of time to
 a cubin, with the ptxas that ships in the Triton wheel: every variant (sampling modes, split,
-kl mode) for bf16 logits, two of them for fp32 and fp16 (the dtype only changes the loads). It runs in a subprocess because this test session imported the kernels under the
+kl mode) for bf16 logits, two of them for fp32 and fp16 (the dtype only changes the loads).
+It runs in a subprocess because this test session imported the kernels under the
 interpreter."""
 import subprocess
 import sys
