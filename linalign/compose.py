@@ -16,14 +16,9 @@ everywhere: the row is flagged and the entry is treated as banned. K = 1 never c
 """
 import torch
 
-FMAX = torch.finfo(torch.float32).max
+from .reference import FMAX, _col
+
 _INF = float("inf")
-
-
-def _col(r, B, device):
-    if isinstance(r, torch.Tensor):
-        return r.to(device=device, dtype=torch.float32).reshape(B, 1)
-    return float(r)
 
 
 def compose(logits, logits_0, ratios):
