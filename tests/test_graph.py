@@ -70,6 +70,21 @@ def test_zero_dim_device_tensors_are_not_read_back(device):
         assert torch.equal(d.tokens, b.tokens)
 
 
+def capture_without_sync(run):
+    """Run ``run`` once with any host synchronisation turned into an error, then capture it
+    in a CUDA graph. Returns (the graph, the static outputs its replays overwrite)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static = run()
+    return g, static
+
+
 @gpu_only
 @pytest.mark.parametrize("B", [1, 512])
 def test_no_host_sync_and_cuda_graph_capture(B):
@@ -85,15 +100,7 @@ def test_no_host_sync_and_cuda_graph_capture(B):
     run = lambda: decode_step(zp, z0, seeds, offset, ratio)  # noqa: E731
     for _ in range(3):
         run()  # autotune and compile outside the capture
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static = run()
+    g, static = capture_without_sync(run)
     for i in range(3):
         new_p, new_0 = two_branch(B, V, seed=100 + i, temperature=0.5, device=dev,
                                   dtype=torch.bfloat16)
@@ -139,16 +146,8 @@ def test_kl_and_principles_compile_and_capture(device):
         return
     off = torch.zeros(B, device=device, dtype=torch.int64)
     run = lambda: variant_step(zp, z0, zq, seeds, off, eps)  # noqa: E731
-    run()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static = run()
+    run()  # compile outside the capture
+    g, static = capture_without_sync(run)
     for i in range(2):
         new = [two_branch(B, V, seed=10 + i + s, temperature=0.5, device=device) for s in (0, 5)]
         zp.copy_(new[0][0])
