@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import linalign
-from linalign import models
+from linalign import cli, models
 
 from helpers import assert_same_or_near_tie
 
@@ -145,7 +145,8 @@ def test_command_main_job(aligner):
     run = _cli("generate", PROMPTS[0], "--principle", PRINCIPLE, "--max-new-tokens", str(N),
                "--threads", "1")
     assert run.returncode == 0, run.stderr
-    want = aligner.generate(PROMPTS[0], PRINCIPLE, max_new_tokens=N).text
+    want = aligner.generate(PROMPTS[0], PRINCIPLE, ratio=cli.COMMAND_RATIO,
+                            max_new_tokens=N).text
     assert run.stdout.strip() == want.strip()
 
 
@@ -155,7 +156,7 @@ def test_command_compare_and_stream():
     assert run.returncode == 0, run.stderr
     heads = [line for line in run.stdout.splitlines() if line.startswith("=== ")]
     assert heads == ["=== without the principle ===", "=== principle in the prompt only ===",
-                     "=== Linear Alignment (ratio 3) ==="]
+                     "=== Linear Alignment (ratio 1) ==="]
     stream = _cli("generate", PROMPTS[1], "--principle", PRINCIPLE, "--max-new-tokens", "12",
                   "--threads", "1", "--stream", "--sample", "--seed", "3")
     assert stream.returncode == 0 and stream.stdout.strip()
@@ -164,8 +165,6 @@ def test_command_compare_and_stream():
 def test_command_several_principles_and_kl(aligner, capsys):
     """In process (the model cache is warm): --principle twice with a ratio each, and
     --kl-budget, give what the Python API gives."""
-    from linalign import cli
-
     two = ["Answer like a pirate.", "Be brief."]
     assert cli.main(["generate", PROMPTS[1], "--principle", two[0], "--principle", two[1],
                      "--ratio", "3", "--ratio", "1", "--max-new-tokens", "10"]) == 0
