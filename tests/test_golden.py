@@ -1,0 +1,110 @@
+"""Golden token ids: what the decoder gave on the embedded SmolLM2 before the decoding core
+was rebuilt, checked after it. Nothing in a refactor may change a token.
+
+The file ``tests/data/golden_tokens.json`` holds, for 8 prompts x 3 principles (24 rows, 16
+new tokens each), the greedy token ids of Linear Alignment at ratios 0, 1 and 3, of kl mode
+(0.3 nats), of two principles at once, of plain decoding with and without the principle, in
+the stacked loop, the two-caches loop and the static-cache loop (``fast=True``), plus one
+seeded sampled setting (the per-row seed stream and the step offsets must not move either).
+
+    python tests/test_golden.py --record    # rewrite the file (only when a change is meant)
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+GOLDEN = Path(__file__).parent / "data" / "golden_tokens.json"
+PROMPTS = [
+    "How do I cook rice?",
+    "What is the capital of France?",
+    "Explain why the sky is blue.",
+    "Give me three tips for learning a new language.",
+    "Hi",
+    "Write one sentence about the moon and the tides, please, for my little sister.",
+    "What should I pack for a weekend hiking trip in the mountains?",
+    "How can I make my small apartment feel bigger?",
+]
+PRINCIPLES = ["Answer like a pirate.", "Answer in at most 20 words.",
+              "Always answer in French, never in English."]
+SECOND = "Use simple words."  # the second principle of the two-principle setting
+N = 16
+COMMON = dict(temperature=0.5, top_p=0.8, max_new_tokens=N)
+
+
+def rows():
+    """(prompt, principle) for every row: every prompt under every principle."""
+    return [(q, p) for p in PRINCIPLES for q in PROMPTS]
+
+
+#: name -> (method, keyword arguments); every setting names its ratio, so no default counts
+SETTINGS = {
+    "r0": ("generate", dict(ratio=0.0)),
+    "r1": ("generate", dict(ratio=1.0)),
+    "r3": ("generate", dict(ratio=3.0)),
+    "kl0.3": ("generate", dict(kl_budget=0.3, max_ratio=10.0)),
+    "two-principles": ("generate2", dict(ratio=[[3.0, 1.0]] * 24)),
+    "plain-none": ("plain", dict(principle=None)),
+    "plain-prompt": ("plain", dict()),
+    "r3-two-caches": ("generate", dict(ratio=3.0, mode="two-caches")),
+    "r1-fast": ("generate", dict(ratio=1.0, fast=True)),
+    "kl0.3-fast": ("generate", dict(kl_budget=0.3, max_ratio=10.0, fast=True)),
+    "two-principles-fast": ("generate2", dict(ratio=[[3.0, 1.0]] * 24, fast=True)),
+    "plain-prompt-fast": ("plain", dict(fast=True)),
+    "r3-sampled": ("generate", dict(ratio=3.0, greedy=False, seed=1234)),
+    "r3-sampled-fast": ("generate", dict(ratio=3.0, greedy=False, seed=1234, fast=True)),
+}
+
+
+def decode(aligner, name):
+    method, kw = SETTINGS[name]
+    kw = {**COMMON, "greedy": True, **kw}
+    qs = [q for q, _ in rows()]
+    ps = [p for _, p in rows()]
+    if method == "generate":
+        return aligner.generate(qs, ps, **kw).token_ids
+    if method == "generate2":
+        return aligner.generate(qs, [[p, SECOND] for p in ps], **kw).token_ids
+    principle = kw.pop("principle", ps)
+    return aligner.generate_plain(qs, principle, **kw).token_ids
+
+
+@pytest.fixture(scope="module")
+def aligner():
+    import linalign
+
+    return linalign.LinearAligner(*linalign.load_default_model())
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_tokens_match_the_golden_file(aligner, name):
+    want = json.loads(GOLDEN.read_text())["settings"][name]
+    got = decode(aligner, name)
+    diff = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+    assert len(got) == len(want) and not diff, (
+        f"{name}: rows {diff[:8]} differ from the golden file, e.g. row {diff[0] if diff else '-'}: "
+        f"{got[diff[0]] if diff else ''} against {want[diff[0]] if diff else ''}")
+
+
+def record():
+    import linalign
+
+    torch.set_num_threads(1)
+    aligner = linalign.LinearAligner(*linalign.load_default_model())
+    out = {"prompts": PROMPTS, "principles": PRINCIPLES, "second_principle": SECOND,
+           "common": COMMON, "settings": {}}
+    for name in SETTINGS:
+        out["settings"][name] = decode(aligner, name)
+        print(name, file=sys.stderr, flush=True)
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps(out, indent=None, separators=(",", ":")) + "\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--record"]:
+        sys.exit(__doc__)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    record()
