@@ -10,9 +10,9 @@ setup(
     python_requires=">=3.10",
     # kernels/ is installed as linalign.kernels: the top-level name "kernels" belongs to an
     # unrelated PyPI package.
-    packages=["linalign", "linalign.kernels"],
+    packages=["linalign", "linalign.kernels", "linalign.runner", "linalign.evaluation"],
     package_dir={"linalign": "linalign", "linalign.kernels": "kernels"},
-    # the evaluation prompts (linalign eval, linalign/evaluation.py)
+    # the evaluation prompts (linalign eval, linalign/evaluation/)
     package_data={"linalign": ["data/*.txt"]},
     # torch is pinned by the install command (see README); any 2.4+ works.
     install_requires=["torch>=2.4"],

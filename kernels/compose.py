@@ -1,4 +1,4 @@
-"""Several principles at once (SPEC section 4): one elementwise Triton pass that turns K
+"""Several principles at once (docs/semantics.md, "Several principles"): one elementwise Triton pass that turns K
 principle branches and the base into the two branches of the one-principle step.
 
 For every token: ``d_k = z_k - z_0``, ``z_c = z_1 + sum_{k >= 2} d_k`` (the composed
@@ -6,7 +6,7 @@ principle branch, whose nucleus the step takes) and ``a = z_0 + sum_k (1 + r_k) 
 composed aligned logits); it writes ``z_c`` and ``z_b = 2 z_c - a``, so that the step with
 ratio 1 scores ``z_c + (z_c - z_b) = a``. A token that is not finite in every branch is
 banned (-inf in both outputs); a row with NaN or +inf anywhere is flagged in ``bad``. The
-same arithmetic as ``linalign.compose.compose`` (the torch version, used on the CPU), in
+same arithmetic as ``linalign.torch_backend.compose`` (the torch version, used on the CPU), in
 one launch: K + 1 reads and two fp32 writes per token.
 """
 import triton

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for a Linear Alignment decoding step (SPEC sections 1 and 2).
+"""Fused Triton kernels for a Linear Alignment decoding step (docs/semantics.md).
 
 All arithmetic is fp32 after the load. A row's work is:
 
@@ -21,7 +21,7 @@ All arithmetic is fp32 after the load. A row's work is:
    top-p decoding of the principle branch (``r = 0``).
 4. **Otherwise** (a nucleus of more than about ``CMAX`` tokens: a flat row), the threshold
    is bracketed sort-free by multi-pivot passes over the row's order-preserving int32 keys
-   (``K`` pivots per pass: the two ends, half the rest spread evenly in key space, which
+   (``NPIV`` pivots per pass: the two ends, half the rest spread evenly in key space, which
    bounds the worst case, half evenly in value; for each, the mass and the number of keys
    above it), until the bracket holds at most ``CMAX`` keys, which are copied to the buffer
    and resolved there; the scores and the draw then stream over the row with per-lane
@@ -47,17 +47,28 @@ import os
 import triton
 import triton.language as tl
 
+from .. import constants
+
 # Under Triton's interpreter every call of a nested @triton.jit function re-patches the
 # language module (about 1 ms each), while a plain Python helper runs with the caller's
 # patched module and gives the same result. Compiled, the helpers are @triton.jit functions.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _helper = (lambda fn: fn) if INTERPRETED else triton.jit
 
+# The contract's numbers (linalign/constants.py) as compile-time constants; a test pins them.
 # Largest finite fp32: aligned scores are clamped to +-FMAX so that hostile but finite
 # inputs (+-1e30 with a large ratio) never produce inf - inf = NaN.
-FMAX = tl.constexpr(3.4028234663852886e38)
+FMAX = tl.constexpr(constants.FMAX)
 # A token whose principle logit is more than GAP * T below the row's best is never in N.
-GAP = tl.constexpr(80.0)
+GAP = tl.constexpr(constants.GAP)
+# Status bits (constants.Status) and where a sampled row's uniform comes from
+# (constants.RandomSource).
+FALLBACK = tl.constexpr(int(constants.Status.FALLBACK))
+BAD_INPUT = tl.constexpr(int(constants.Status.BAD_INPUT))
+RNG_UNIFORMS = tl.constexpr(int(constants.RandomSource.UNIFORMS))
+RNG_SEED = tl.constexpr(int(constants.RandomSource.SEED))
+RNG_ROW_SEEDS = tl.constexpr(int(constants.RandomSource.ROW_SEEDS))
+RNG_DEVICE_SEED = tl.constexpr(int(constants.RandomSource.DEVICE_SEED))
 # "No key" markers for the int32 order keys (no finite or -inf value maps to either).
 NONE_LO = tl.constexpr(-(2**31))
 NONE_HI = tl.constexpr(2**31 - 1)
@@ -129,7 +140,7 @@ def _max_pass(rowp, row0, lo_i, hi_i, inv_t, BLOCK: tl.constexpr, KL: tl.constex
     """Pass 1 over [lo_i, hi_i): the principle branch's max and the bad-input flag (NaN or
     +inf in either branch). Per-lane accumulators, one combine at the end.
 
-    KL (SPEC 3): also, per lane, the softmax(z_0 / T)-weighted moments of
+    KL (kl mode, docs/semantics.md): also, per lane, the softmax(z_0 / T)-weighted moments of
     g = (z_p - z_0) / T over the tokens finite in both branches, as an online softmax with
     a weighted Welford update (running max m0 of z_0, weight sum W relative to it, mean mu,
     sum of squared deviations M2): one exp per element, no cancellation. Returns the
@@ -188,7 +199,7 @@ def _moments(m0_l, w_l, mu_l, m2_l, inv_t):
 
 @_helper
 def _kl_ratio(wsum, m2, eps, max_ratio, is_t0):
-    """SPEC 3: r_eff = kappa - 1, kappa = sqrt(2 eps / v) clipped to [0, 1 + max_ratio],
+    """kl mode: r_eff = kappa - 1, kappa = sqrt(2 eps / v) clipped to [0, 1 + max_ratio],
     v = M2 / W. v == 0 (or no token finite in both branches, or T == 0): r = 0; a
     non-finite v (hostile logits): kappa = 0."""
     v = tl.maximum(m2 / tl.where(wsum > 0.0, wsum, 1.0), 0.0)
@@ -254,28 +265,28 @@ def _search_init(m, T, top_p, is_t0):
 
 
 @_helper
-def _pivots(lo, hi, K: tl.constexpr):
-    """K pivots in the bracket: lo, K - 2 interior ones (half spread in key space, half in
+def _pivots(lo, hi, NPIV: tl.constexpr):
+    """NPIV pivots in the bracket: lo, NPIV - 2 interior ones (half spread in key space, half in
     value), hi. Needs hi - lo >= 2."""
-    H: tl.constexpr = (K - 2) // 2
-    kk = tl.arange(0, K)
+    H: tl.constexpr = (NPIV - 2) // 2
+    kk = tl.arange(0, NPIV)
     d = hi.to(tl.int64) - lo.to(tl.int64)
     by_key = (lo.to(tl.int64) + (d * kk) // (H + 1)).to(tl.int32)
     vlo = _unkey(lo)
     vhi = _unkey(hi)
-    frac = (kk - H).to(tl.float32) / (K - 1 - H)
+    frac = (kk - H).to(tl.float32) / (NPIV - 1 - H)
     by_val = _key(vlo + (vhi - vlo) * frac)
     piv = tl.where(kk <= H, by_key, by_val)
     piv = tl.minimum(tl.maximum(piv, lo + 1), hi - 1)  # any interior pivot is valid
-    return tl.where(kk == 0, lo, tl.where(kk == K - 1, hi, piv))
+    return tl.where(kk == 0, lo, tl.where(kk == NPIV - 1, hi, piv))
 
 
 @_helper
-def _pivot_sums(rowp, lo_i, hi_i, piv, m, inv_t, BLOCK: tl.constexpr, K: tl.constexpr):
+def _pivot_sums(rowp, lo_i, hi_i, piv, m, inv_t, BLOCK: tl.constexpr, NPIV: tl.constexpr):
     """For every pivot: mass and number of row keys above it, over [lo_i, hi_i)."""
     cols = tl.arange(0, BLOCK)
-    mass = tl.zeros((BLOCK, K), tl.float32)
-    cnt = tl.zeros((BLOCK, K), tl.int32)
+    mass = tl.zeros((BLOCK, NPIV), tl.float32)
+    cnt = tl.zeros((BLOCK, NPIV), tl.int32)
     for start in range(lo_i, hi_i, BLOCK):
         offs = start + cols
         x = _load_row(rowp, offs, offs < hi_i)
@@ -287,12 +298,12 @@ def _pivot_sums(rowp, lo_i, hi_i, piv, m, inv_t, BLOCK: tl.constexpr, K: tl.cons
 
 
 @_helper
-def _bracket(piv, mass, cnt, thr, K: tl.constexpr):
+def _bracket(piv, mass, cnt, thr, NPIV: tl.constexpr):
     """The new bracket from one pass: (lo, hi, mass above hi, count above lo, count above hi).
-    piv[0] (the old lo) is out and piv[K - 1] (the old hi) is in by construction; mass is
+    piv[0] (the old lo) is out and piv[NPIV - 1] (the old hi) is in by construction; mass is
     monotone in the pivot (fp32 sums of non-negative terms), so lo < hi."""
-    kk = tl.arange(0, K)
-    keep = ((mass < thr) & (kk > 0)) | (kk == K - 1)
+    kk = tl.arange(0, NPIV)
+    keep = ((mass < thr) & (kk > 0)) | (kk == NPIV - 1)
     lo = tl.max(tl.where(keep, NONE_LO, piv), axis=0)
     hi = tl.min(tl.where(keep, piv, NONE_HI), axis=0)
     m_hi = tl.max(tl.where(keep & (piv == hi), mass, -1.0), axis=0)
@@ -594,14 +605,15 @@ def la_step_kernel(
     KL: tl.constexpr, E_PER_ROW: tl.constexpr, X_PER_ROW: tl.constexpr,
     RNG: tl.constexpr, OFF_PER_ROW: tl.constexpr, GREEDY: tl.constexpr,
     SPLIT: tl.constexpr, SP: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, NPIV: tl.constexpr, L: tl.constexpr,
     CMAX: tl.constexpr, JB: tl.constexpr,
 ):
     # One program per row. zp, z0: [B, V] (fp32/bf16/fp16, last dim contiguous); outputs:
-    # [B] (ratio_ptr: the ratio used). cidx/cval: [B, CMAX] buffers. KL: kl mode (SPEC 3),
-    # r from the budget e (eps) and the cap x (max_ratio) instead of r_ptr/r_val. RNG: 0 = uniforms given in u_ptr, 1 = one seed
-    # (counter = row, offset), 2 = per-row seeds (counter = 0, offset), 3 = one seed read
-    # from seed_ptr (counter = row, offset).
+    # [B] (ratio_ptr: the ratio used). cidx/cval: [B, CMAX] buffers. KL: kl mode,
+    # r from the budget e (eps) and the cap x (max_ratio) instead of r_ptr/r_val. RNG (a
+    # constants.RandomSource): RNG_UNIFORMS = uniforms given in u_ptr, RNG_SEED = one seed
+    # (counter = row, offset), RNG_ROW_SEEDS = per-row seeds (counter = 0, offset),
+    # RNG_DEVICE_SEED = one seed read from seed_ptr (counter = row, offset).
     row = tl.program_id(0)
     # int64 row offsets: row * stride overflows int32 once B * V passes 2**31.
     rowp = zp_ptr + row.to(tl.int64) * stride_p
@@ -654,9 +666,9 @@ def la_step_kernel(
         c_lo = tl.full((), CMAX + 1, tl.int32)
         c_hi = tl.zeros((), tl.int32)
         while _open(lo, hi, c_lo - c_hi, CMAX):
-            piv = _pivots(lo, hi, K)
-            mass, pcnt = _pivot_sums(rowp, 0, V, piv, m, inv_t, BLOCK_P, K)
-            lo, hi, m_hi, c_lo, c_hi = _bracket(piv, mass, pcnt, thr, K)
+            piv = _pivots(lo, hi, NPIV)
+            mass, pcnt = _pivot_sums(rowp, 0, V, piv, m, inv_t, BLOCK_P, NPIV)
+            lo, hi, m_hi, c_lo, c_hi = _bracket(piv, mass, pcnt, thr, NPIV)
         whole = c_lo <= CMAX  # every key above lo fits: copy them all
         top = tl.where(whole, NONE_HI, hi)
         gt_hi = _compact(rowp, 0, V, lo, top, hi, tl.zeros((), tl.int32), cidx, cval, CMAX,
@@ -671,13 +683,13 @@ def la_step_kernel(
     # ---- one uniform per row ----
     u = tl.zeros((), tl.float32)
     if not GREEDY:
-        if RNG == 0:
+        if RNG == RNG_UNIFORMS:
             u = tl.load(u_ptr + row).to(tl.float32)
         else:
-            if RNG == 1:
+            if RNG == RNG_SEED:
                 seed = seed_val
                 ctr = row.to(tl.int64)
-            elif RNG == 3:
+            elif RNG == RNG_DEVICE_SEED:
                 seed = tl.load(seed_ptr)  # one seed kept on the device
                 ctr = row.to(tl.int64)
             else:
@@ -699,7 +711,7 @@ def la_step_kernel(
             rowp, row0, V, tau, m, r, inv_t, u, is_t0, GREEDY, BLOCK)
 
     logprob = tl.where(is_t0, 0.0, (s_tok - s_max) * inv_t - tl.log(s_sum))
-    status = tl.where(fallback, 1, 0) | tl.where((bad > 0) | empty, 2, 0)
+    status = tl.where(fallback, FALLBACK, 0) | tl.where((bad > 0) | empty, BAD_INPUT, 0)
     logprob = tl.where(empty, float("-inf"), logprob)
     # Whatever happened above, never return an id outside [0, V).
     token = tl.where((token >= 0) & (token < V) & ~empty, token, 0)
@@ -781,7 +793,7 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
 
     logits_p, logits_0: [B, V] fp32/bf16/fp16 on one device, last dim contiguous.
     ratio, temperature, top_p: a Python number or a [B] tensor each (already validated).
-    ``kl``: kl mode (SPEC 3), ``(kl_budget, max_ratio)`` (numbers or [B] tensors): the ratio
+    ``kl``: kl mode, ``(kl_budget, max_ratio)`` (numbers or [B] tensors): the ratio
     of each row is computed in pass 1 and ``ratio`` is ignored (may be None).
     Randomness (sampling only): ``u`` ([B] uniforms in [0, 1)), or ``seed`` (an int: the
     counter is (row, offset); the same for a 0-d int64 tensor, read on the device; or a [B]
@@ -813,19 +825,22 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
     p_t, p_v, p_row = _param(top_p, dev, torch.float32)
     o_t, o_v, o_row = _param(offset, dev, torch.int64)
     dummy_i, dummy_f = _dummy(dev, torch.int64), _dummy(dev, torch.float32)
+    source = constants.RandomSource
     if greedy:
-        rng, u_t, s_t, s_v = 0, dummy_f, dummy_i, 0
+        rng, u_t, s_t, s_v = source.UNIFORMS, dummy_f, dummy_i, 0
     elif u is not None:
-        rng, u_t, s_t, s_v = 0, u.to(device=dev, dtype=torch.float32).contiguous(), dummy_i, 0
+        rng, u_t = source.UNIFORMS, u.to(device=dev, dtype=torch.float32).contiguous()
+        s_t, s_v = dummy_i, 0
     elif isinstance(seed, torch.Tensor):
         s_t = seed.to(device=dev, dtype=torch.int64).contiguous()
-        rng, u_t, s_v = (3 if seed.dim() == 0 else 2), dummy_f, 0
+        rng = source.DEVICE_SEED if seed.dim() == 0 else source.ROW_SEEDS
+        u_t, s_v = dummy_f, 0
     else:
-        rng, u_t, s_t, s_v = 1, dummy_f, dummy_i, int(seed)
+        rng, u_t, s_t, s_v = source.SEED, dummy_f, dummy_i, int(seed)
     S = plan_split(B, V, dev) if split is None else int(split)
     chunk = triton.cdiv(triton.cdiv(V, max(S, 1)), split_block) * split_block
     S = triton.cdiv(V, chunk) if S > 1 else 1
-    K, L, CMAX = pivots, LEVELS, cmax
+    NPIV, L, CMAX = pivots, LEVELS, cmax
     SP = triton.next_power_of_2(S)
     WF, WI = (6 if kl is not None else 2) * S, S + S * L
     tokens = torch.empty(B, device=dev, dtype=torch.int64)
@@ -861,7 +876,8 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
         cidx, cval, ws_f, ws_i,
         V, S, WF, WI, triton.next_power_of_2(B),
         R_PER_ROW=r_row, T_PER_ROW=t_row, P_PER_ROW=p_row,
-        KL=kl is not None, E_PER_ROW=e_row, X_PER_ROW=x_row, RNG=rng, OFF_PER_ROW=o_row, GREEDY=bool(greedy),
-        SPLIT=S > 1, SP=SP, K=K, L=L, CMAX=CMAX, JB=min(JB_TAU, CMAX), **cfg,
+        KL=kl is not None, E_PER_ROW=e_row, X_PER_ROW=x_row, RNG=int(rng), OFF_PER_ROW=o_row,
+        GREEDY=bool(greedy),
+        SPLIT=S > 1, SP=SP, NPIV=NPIV, L=L, CMAX=CMAX, JB=min(JB_TAU, CMAX), **cfg,
     )
     return tokens, logprobs, nsz, status, used

@@ -3,13 +3,18 @@
 ``linalign.step`` / ``linalign.sample`` run one decoding step over a batch of two-branch
 logits (with and without the principle) on one of three backends: the fused Triton kernel
 (``linalign.kernels``), a vectorised torch path, or the readable reference
-(``linalign.reference``). Importing linalign touches no GPU and does not import Triton.
+(``linalign.reference``). ``linalign.LinearAligner`` decodes with a Hugging Face causal LM;
+``linalign.SamplingParams`` holds the options of a generation and their defaults. Importing
+linalign touches no GPU and does not import Triton or transformers.
 """
 from . import reference
-from .api import BACKENDS, Status, StepOutput, sample, step
+from .api import BACKENDS, sample, step
+from .arguments import StepOutput
+from .constants import Status
+from .options import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["step", "sample", "StepOutput", "Status", "BACKENDS", "reference",
+__all__ = ["step", "sample", "StepOutput", "Status", "BACKENDS", "SamplingParams", "reference",
            "LinearAligner", "GenerationResult", "load_default_model", "load_model", "hf"]
 
 

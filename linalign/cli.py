@@ -2,44 +2,34 @@
 
     linalign generate "How do I cook rice?" --principle "Answer like a pirate."
 
-prints the aligned answer of the embedded SmolLM2-135M-Instruct, offline. Bad arguments end
-with exit code 2 and one line on stderr, never a traceback; running out of memory ends with
-exit code 1 and one line. See docs/errors.md.
+prints the aligned answer of the embedded SmolLM2-135M-Instruct, offline. ``linalign run``
+(many prompts from a file, ``linalign.runner``) and ``linalign eval`` (principle adherence,
+``linalign.evaluation``) are the other sub-commands; all three share their options
+(``linalign.cli_args``). Bad arguments end with exit code 2 and one line on stderr, never a
+traceback; running out of memory ends with exit code 1 and one line. See docs/errors.md.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-from ._args import integer, number
-from .api import MAX_RATIO
-from .decoder import DEFAULTS, MODES
-from .evaluation import add_eval_parser, eval_command
-from .runner import add_run_parser, run_command
+import dataclasses
 
-#: The command's default ratio. The library keeps the authors' 3.0 (DEFAULTS); the command,
-#: whose default model is the embedded SmolLM2-135M, uses 1.0: on all 48 evaluation prompts
-#: x 12 principles ratios 1 and 3 had the same adherence (0.238), ratio 1 with lower
-#: perplexity (2.43 against 2.67) and repetition (benchmarks/results/eval_cpu_48.*).
-COMMAND_RATIO = 1.0
-
-
-class UsageError(Exception):
-    """A bad argument: reported as one line, exit code 2."""
+from .cli_args import (CommandError, add_model_arguments, add_sampling_arguments,
+                       check_model_path, load_aligner, sampling_params)
+from .options import DEFAULT_RATIO
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
-        raise UsageError(message)
-
-
-
-
+        raise CommandError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluation import add_eval_parser
+    from .runner import add_run_parser
+
     parser = _Parser(prog="linalign", description="Linear Alignment decoding "
                      "(Gao et al., ICML 2024): align a language model with a principle at "
                      "inference time.")
@@ -51,121 +41,66 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--principle", required=True, action="append",
                    help="the preference, in plain words (goes into the system message); "
                    "give it more than once to align with several principles at once")
-    g.add_argument("--ratio", type=number(what="a finite number"), action="append",
-                   default=None, help="how far past the principle branch to push (default "
-                   f"{COMMAND_RATIO:g}, chosen on the embedded model: docs/eval.md); once for "
-                   "every principle, or once per --principle")
-    g.add_argument("--kl-budget", type=number(0.0, what="a number >= 0"), default=None,
-                   metavar="EPS", help="instead of --ratio: the closed-form step, a ratio per "
-                   "token that moves the answer EPS nats from the plain model (one principle)")
-    g.add_argument("--max-ratio", type=number(0.0, what="a number >= 0"), default=MAX_RATIO,
-                   help="cap on the ratio that --kl-budget gives (default %(default)s)")
-    g.add_argument("--temperature", type=number(0.0, what="a number >= 0"),
-                   default=DEFAULTS["temperature"], help="default %(default)s")
-    g.add_argument("--top-p", type=number(0.0, 1.0, lo_open=True, what="a number in (0, 1]"),
-                   default=DEFAULTS["top_p"], help="nucleus of the principle branch "
-                   "(default %(default)s)")
-    mode = g.add_mutually_exclusive_group()
-    mode.add_argument("--greedy", dest="greedy", action="store_true", default=True,
-                      help="argmax inside the nucleus (default)")
-    mode.add_argument("--sample", dest="greedy", action="store_false",
-                      help="sample from the aligned distribution")
-    g.add_argument("--max-new-tokens", type=integer(0), default=DEFAULTS["max_new_tokens"],
-                   help="default %(default)s")
-    g.add_argument("--seed", type=integer(0), default=None,
-                   help="seed for --sample (default: a fresh one)")
-    g.add_argument("--system", default=None, help="base system text of both branches "
-                   "(default: the chat template's own)")
-    g.add_argument("--model", default=None, metavar="PATH", help="a local Hugging Face "
-                   "causal-LM folder or .gguf file (default: the embedded SmolLM2)")
+    add_sampling_arguments(g)
+    add_model_arguments(g)
     shown = g.add_mutually_exclusive_group()
     shown.add_argument("--stream", action="store_true", help="print the answer as it is made")
     shown.add_argument("--compare", action="store_true", help="also print the answer without "
                        "the principle and with the principle only in the prompt")
-    g.add_argument("--mode", choices=MODES, default="stacked", help="one forward of 2B rows "
-                   "(stacked, default) or two caches")
-    g.add_argument("--threads", type=integer(0), default=None,
-                   help="torch CPU threads (default: torch's choice)")
     g.add_argument("--stats", action="store_true", help="print load and decoding times to "
                    "stderr")
-    add_run_parser(sub)  # linalign run: many prompts from a JSON-lines file (runner.py)
-    add_eval_parser(sub, _Parser)  # linalign eval: principle adherence (evaluation.py)
+    add_run_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
 def _check(args):
     if not args.prompt.strip():
-        raise UsageError("the prompt is empty")
+        raise CommandError("the prompt is empty")
     if any(not p.strip() for p in args.principle):
-        raise UsageError("--principle is empty")
-    K = len(args.principle)
-    if args.kl_budget is not None:
-        if args.ratio is not None:
-            raise UsageError("give --ratio or --kl-budget, not both")
-        if K > 1:
-            raise UsageError("--kl-budget is for one --principle (the closed-form step of "
-                             "one principle); use --ratio with several")
-    elif args.ratio is None:
-        args.ratio = [COMMAND_RATIO]
-    if args.ratio is not None and len(args.ratio) not in (1, K):
-        raise UsageError(f"--ratio given {len(args.ratio)} times for {K} principles: give it "
-                         "once, or once per --principle")
-    if args.model is not None and not os.path.exists(os.path.expanduser(args.model)):
-        raise UsageError(f"--model {args.model}: no such folder or file")
-    if args.threads == 0:
-        raise UsageError("--threads must be at least 1")
+        raise CommandError("--principle is empty")
+    check_model_path(args.model)
 
 
 def _generate(args, out):
-    import torch
-
-    from . import models
-    from .decoder import LinearAligner
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # a command prints its answer, not loading bars
-    hf_logging.set_verbosity_error()
+    K = len(args.principle)
+    params = sampling_params(args, K)
     t0 = time.perf_counter()
-    model, tokenizer = models.load_model(args.model)
-    aligner = LinearAligner(model, tokenizer, system=args.system)
+    aligner = load_aligner(args)
     load = time.perf_counter() - t0
-    kw = dict(temperature=args.temperature, top_p=args.top_p, greedy=args.greedy,
-              max_new_tokens=args.max_new_tokens, seed=args.seed)
-    principle = args.principle[0] if len(args.principle) == 1 else [args.principle]
-    if args.kl_budget is not None:
-        how = dict(kl_budget=args.kl_budget, max_ratio=args.max_ratio)
-        title = f"Linear Alignment (kl budget {args.kl_budget:g})"
+    principle = args.principle[0] if K == 1 else [args.principle]
+    if params.kl_budget is not None:
+        title = f"Linear Alignment (kl budget {params.kl_budget:g})"
     else:
-        ratio = args.ratio[0] if len(args.ratio) == 1 else [args.ratio]
-        how = dict(ratio=ratio)
-        title = f"Linear Alignment (ratio {', '.join(f'{r:g}' for r in args.ratio)})"
+        shown = args.ratio or [DEFAULT_RATIO]
+        title = f"Linear Alignment (ratio {', '.join(f'{r:g}' for r in shown)})"
+    if isinstance(params.ratio, list):  # one per principle, for the one prompt
+        params = dataclasses.replace(params, ratio=[params.ratio])
+    how = dict(mode=args.mode, fast=args.fast)
     if args.compare:
+        plain = dataclasses.replace(params, ratio=None, kl_budget=None)
         for title, run in (
                 ("without the principle",
-                 lambda: aligner.generate_plain(args.prompt, **kw)),
+                 lambda: aligner.generate_plain(args.prompt, None, plain, fast=args.fast)),
                 ("principle in the prompt only",
-                 lambda: aligner.generate_plain(args.prompt, " ".join(args.principle), **kw)),
-                (title,
-                 lambda: aligner.generate(args.prompt, principle, mode=args.mode, **how,
-                                          **kw))):
+                 lambda: aligner.generate_plain(args.prompt, " ".join(args.principle), plain,
+                                                fast=args.fast)),
+                (title, lambda: aligner.generate(args.prompt, principle, params, **how))):
             out.write(f"=== {title} ===\n")
             _show(run(), args.stats, out)
             out.write("\n")
     elif args.stream:
         t0 = time.perf_counter()
-        for piece in aligner.stream(args.prompt, principle, mode=args.mode, **how, **kw):
+        for piece in aligner.stream(args.prompt, principle, params, **how):
             out.write(piece)
             out.flush()
         out.write("\n")
         if args.stats:
             print(f"generated in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     else:
-        _show(aligner.generate(args.prompt, principle, mode=args.mode, **how, **kw),
-              args.stats, out)
+        _show(aligner.generate(args.prompt, principle, params, **how), args.stats, out)
     if args.stats:
-        print(f"model loaded in {load:.1f} s", file=sys.stderr)
+        print(f"model loaded in {load:.1f} s on {aligner.device}", file=sys.stderr)
 
 
 def _show(result, stats, out):
@@ -183,13 +118,12 @@ def main(argv=None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        if args.command == "run":
-            return run_command(args)
-        if args.command == "eval":
-            return eval_command(args)
-        _check(args)
-        _generate(args, sys.stdout)
-    except UsageError as e:
+        if args.command == "generate":
+            _check(args)
+            _generate(args, sys.stdout)
+            return 0
+        return args.run_command(args)
+    except CommandError as e:
         print(f"linalign: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # bad values found past the parser, a model that does not load
@@ -202,7 +136,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("linalign: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -54,7 +54,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ._args import integer, number
+from .cli_args import integer, number as _rule_number
 
 # ============================================================================ scorers
 # Words: runs of letters, with inner apostrophes kept ("don't", "cookin'" keeps its trailing
@@ -790,14 +790,13 @@ def _configure(p: argparse.ArgumentParser, default_out: str | None):
                    help="prompts, one per line (default: linalign/data/eval_prompts.txt)")
     p.add_argument("--max-new-tokens", type=integer(1), default=DEFAULT_MAX_NEW_TOKENS,
                    help="default %(default)s")
-    p.add_argument("--temperature", type=number(0.0, lo_open=True, what="a number > 0"),
+    p.add_argument("--temperature", type=_rule_number("temperature"),
                    default=DEFAULT_TEMPERATURE, help="default %(default)s")
-    p.add_argument("--top-p", type=number(0.0, 1.0, lo_open=True,
-                                           what="a number in (0, 1]"),
+    p.add_argument("--top-p", type=_rule_number("top_p"),
                    default=DEFAULT_TOP_P, help="default %(default)s")
     p.add_argument("--seed", type=integer(0), default=0,
                    help="base seed of the sampled settings (default %(default)s)")
-    p.add_argument("--kl-max-ratio", type=number(0.0, what="a number >= 0"), default=None,
+    p.add_argument("--kl-max-ratio", type=_rule_number("max_ratio"), default=None,
                    help="max_ratio of the kl settings (default: the decoder's)")
     p.add_argument("--batch-size", type=integer(1), default=64,
                    help="prompts per generate call (default %(default)s; a GPU takes the "
@@ -837,6 +836,7 @@ def add_eval_parser(subparsers, parser_class=argparse.ArgumentParser):
         "the principle in the prompt only, and Linear Alignment at several ratios (and kl "
         "budgets); score each answer with the principle's program; write a CSV, a JSON, "
         "the answers and a plot. See docs/eval.md.")
+    p.set_defaults(run_command=eval_command)
     return _configure(p, "eval_<device>")
 
 

@@ -4,15 +4,16 @@ Two ways in (design and limits: docs/hf.md):
 
 - ``LinearAlignmentLogitsProcessor``: a ``transformers.LogitsProcessor``. ``generate`` runs
   the principle branch (its ``input_ids``) as usual; on every call the processor runs the
-  branch without the principle through the same model, with its own KV cache, and turns the
-  principle branch's scores into the aligned scores ``s`` of SPEC 1.3 (``-inf`` off the
-  nucleus). ``do_sample=False`` then picks ``argmax s``, the Linear Alignment greedy token;
-  sampling with no other warper draws from ``softmax(s)``.
+  branch without the principle through the same model, with its own KV cache
+  (``linalign.decoding.prefill`` / ``decode_one``), and turns the principle branch's scores
+  into the aligned scores ``s`` (``-inf`` off the nucleus). ``do_sample=False`` then picks
+  ``argmax s``, the Linear Alignment greedy token; sampling with no other warper draws from
+  ``softmax(s)``.
 - ``generate``: a ``custom_generate`` callable (``model.generate(...,
   custom_generate=linalign.hf.generate)``; transformers 5.17 and 5.24 take a callable), also
-  callable directly as ``linalign.hf.generate(model, ...)``. Both branches run as one
-  stacked batch of 2B rows (one forward per step: the decoder's prefill and cache, left
-  padding, positions from the masks) and ``linalign.step`` picks each token.
+  callable directly as ``linalign.hf.generate(model, ...)``. Both branches run stacked in
+  linalign's decoding loop (``linalign.decoding.decode``) with a step that applies
+  ``generate``'s logits processors first; ``linalign.step`` picks each token.
 
 ``prepare`` builds both branches' ids from text with the chat template, as
 ``LinearAligner.branches`` does. ``masked_scores`` is the score vector both ways share.
@@ -26,9 +27,12 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor
 from transformers.generation import GenerateDecoderOnlyOutput
 
-from .api import Status, step
-from .decoder import DEFAULTS, LinearAligner, _id_rows, _left_pad
-from .reference import FMAX, aligned_scores
+from .api import step as linalign_step
+from .caches import DynamicCaches
+from .constants import FMAX, Status
+from .decoding import ModelCall, decode, decode_one, left_pad, prefill
+from .options import DEFAULT_RATIO, SamplingParams
+from .prompts import ChatFormat, id_rows
 
 #: Positions added to the processor's attention mask each time it runs out (it does not
 #: know ``max_new_tokens``).
@@ -39,12 +43,13 @@ _TOKEN_ARGS = ("greedy", "generator", "seed", "offset")
 #: (transformers 5.17: ``past_key_values``; 5.24: ``cache``). Its cache stays unused.
 _HF_MODEL_KWARGS = {"attention_mask", "position_ids", "logits_to_keep", "cache",
                     "past_key_values", "use_cache", "cache_position"}
+_DEFAULTS = SamplingParams()
 
 
 # ----------------------------------------------------------------------------- scores
-def masked_scores(logits_p, logits_0, *, ratio=None, temperature=DEFAULTS["temperature"],
-                  top_p=DEFAULTS["top_p"], **step_kwargs):
-    """The aligned scores of SPEC 1.3 for every token, and the step that found the nucleus.
+def masked_scores(logits_p, logits_0, *, ratio=None, temperature=None, top_p=None,
+                  **step_kwargs):
+    """The aligned scores of every token, and the step that found the nucleus.
 
     logits_p, logits_0: [B, V] (see ``linalign.api``). Returns ``(s, out)``: ``s`` [B, V]
     fp32, ``s_i = (z_p[i] + r (z_p[i] - z_0[i])) / T`` on the allowed set (the nucleus of
@@ -54,20 +59,18 @@ def masked_scores(logits_p, logits_0, *, ratio=None, temperature=DEFAULTS["tempe
     ``StepOutput`` of ``linalign.step(greedy=True)`` on the same logits. A T = 0 row scores
     its greedy token 0 and every other token ``-inf``.
 
-    ratio: default 3.0 (the authors'), unless ``kl_budget=`` is among ``step_kwargs``
-    (SPEC 3). ``step_kwargs`` go to ``linalign.step`` unchanged (``kl_budget``,
-    ``max_ratio``, ``backend``, ``check``). Bad arguments raise as ``linalign.step`` does.
+    ratio, temperature, top_p: None for ``linalign.SamplingParams``'s defaults (ratio's
+    unless ``kl_budget=`` is among ``step_kwargs``). ``step_kwargs`` go to ``linalign.step``
+    unchanged (``kl_budget``, ``max_ratio``, ``backend``, ``check``). Bad arguments raise as
+    ``linalign.step`` does.
     """
-    kw = _ratio_args(ratio, step_kwargs)
-    out = step(logits_p, logits_0, temperature=temperature, top_p=top_p, greedy=True, **kw)
-    return _scores(logits_p, logits_0, out, kw.get("ratio"), temperature), out
-
-
-def _ratio_args(ratio, step_kwargs):
-    """linalign.step's ratio / kl_budget arguments: exactly one of them."""
+    T = _DEFAULTS.temperature if temperature is None else temperature
+    p = _DEFAULTS.top_p if top_p is None else top_p
     if ratio is None and step_kwargs.get("kl_budget") is None:
-        ratio = DEFAULTS["ratio"]
-    return {k: v for k, v in dict(step_kwargs, ratio=ratio).items() if v is not None}
+        ratio = DEFAULT_RATIO
+    kw = {k: v for k, v in dict(step_kwargs, ratio=ratio).items() if v is not None}
+    out = linalign_step(logits_p, logits_0, temperature=T, top_p=p, greedy=True, **kw)
+    return dense_scores(logits_p, logits_0, out, T), out
 
 
 def _col(x, B, device):
@@ -77,21 +80,22 @@ def _col(x, B, device):
     return torch.full((B, 1), float(x), device=device)
 
 
-def _scores(logits_p, logits_0, out, ratio, temperature):
-    # logits_p, logits_0: [B, V]; out: linalign.step's output on them -> s: [B, V] fp32
+def dense_scores(logits_p, logits_0, out, temperature):
+    """The aligned scores of every token from a step's output on the same logits: the
+    nucleus is the top-|N| of z_p with its ties, so ``out.nucleus_size`` gives it back; the
+    ratio is the one each row used (``out.ratio``: 0 where it fell back, kl mode's r_eff)."""
+    # logits_p, logits_0: [B, V] -> s: [B, V] fp32
     zp, z0 = logits_p.float(), logits_0.float()
     B, V = zp.shape
     ninf = float("-inf")
-    # The nucleus is the top-|N| of z_p with its ties (SPEC 1.2), so |N| gives it back: every
-    # token at or above the |N|-th largest logit.
     k = out.nucleus_size.long().clamp(min=1)[:, None]  # [B, 1]
     tau = zp.topk(int(k.max()), dim=-1).values.gather(-1, k - 1)
-    fallback = (out.status & int(Status.FALLBACK)) != 0
-    allowed = (zp >= tau) & (zp > ninf) & ((z0 > ninf) | fallback[:, None])
-    r = getattr(out, "ratio", None)  # the ratio the step used per row (kl mode: r_eff)
-    if r is None:
-        r = torch.where(fallback, 0.0, _col(ratio, B, zp.device)[:, 0])
-    a = aligned_scores(zp, torch.where(allowed, z0, zp), r.reshape(B, 1).float())
+    # a row that fell back ignores the without-branch (and its bans)
+    fell = (out.status & int(Status.FALLBACK)) != 0
+    allowed = (zp >= tau) & (zp > ninf) & ((z0 > ninf) | fell[:, None])
+    r = out.ratio.reshape(B, 1).float()
+    d = (zp - torch.where(allowed, z0, zp)).clamp(-FMAX, FMAX)
+    a = (zp + r * d).clamp(-FMAX, FMAX)
     T = _col(temperature, B, zp.device)
     s = torch.where(allowed, (a / torch.where(T > 0, T, 1.0)).clamp(-FMAX, FMAX), ninf)
     one_hot = torch.arange(V, device=zp.device) == out.tokens[:, None]
@@ -111,7 +115,7 @@ def _unpadded(name, ids, mask, vocab) -> list[list[int]]:
         if ids.dim() == 1:
             ids, mask = ids[None], mask[None]
         ids = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
-    return _id_rows(name, ids, vocab)
+    return id_rows(name, ids, vocab)
 
 
 def _expand(rows, B, name):
@@ -141,33 +145,19 @@ def _per_row(name, x, W, k, device):
     return x.to(device=device, dtype=torch.float32)
 
 
-def _model_aligner(model, pad_id=None) -> LinearAligner:
-    """A LinearAligner over ``model`` that only moves ids (its prefill and cache)."""
+def _pad_id(model) -> int:
+    """The id that pads the without-branch's prompts (masked out, so any id of the
+    vocabulary will do): the generation config's pad, the config's, its eos, or 0."""
     gc = getattr(model, "generation_config", None)
-    if pad_id is None:
-        for pad_id in (getattr(gc, "pad_token_id", None),
-                       getattr(model.config, "pad_token_id", None),
-                       getattr(gc, "eos_token_id", None), 0):
-            if pad_id is not None:
-                break
-    pad_id = pad_id[0] if isinstance(pad_id, (list, tuple)) else pad_id
-    return LinearAligner(model, _SpecialIds(int(pad_id)))
-
-
-class _SpecialIds:
-    """What LinearAligner reads from a tokenizer when it only moves ids: the padding id (left
-    padding is masked out, so any id in the vocabulary will do) and no chat template."""
-
-    chat_template = None
-    eos_token_id = None
-
-    def __init__(self, pad_token_id):
-        self.pad_token_id = pad_token_id
+    for pad in (getattr(gc, "pad_token_id", None), getattr(model.config, "pad_token_id", None),
+                getattr(gc, "eos_token_id", None), 0):
+        if pad is not None:
+            return int(pad[0] if isinstance(pad, (list, tuple)) else pad)
 
 
 def prepare(tokenizer, prompts, principle, system=None, *, device=None) -> dict:
     """Both branches' prompt ids for ``generate``, built exactly as ``LinearAligner.branches``
-    builds them (the principle after ``system`` in the system message; without a chat
+    builds them (``linalign.prompts.ChatFormat``) (the principle after ``system`` in the system message; without a chat
     template ``principle + "\\n\\n" + prompt``).
 
     prompts: a string or a list; principle: one string or one per prompt. Returns a dict of
@@ -176,13 +166,8 @@ def prepare(tokenizer, prompts, principle, system=None, *, device=None) -> dict:
     ``attention_mask_without``, so that ``model.generate(**prepare(...),
     custom_generate=linalign.hf.generate)`` works as written.
     """
-    builder = LinearAligner.__new__(LinearAligner)
-    # LinearAligner's prompt methods read only these (a model is not needed for prompts).
-    builder.tokenizer, builder.system = tokenizer, system
-    builder._template = getattr(tokenizer, "chat_template", None) is not None
-    builder._default_system = builder._find_default_system() if builder._template else None
-    ids_with, ids_without = builder.branches(prompts, principle)
-    if ids_with and isinstance(ids_with[0][0], list):
+    *withs, without = ChatFormat(tokenizer, system).branch_ids(prompts, principle)
+    if len(withs) > 1:
         raise ValueError("linalign.hf takes one principle per prompt (a string, or one string "
                          "per prompt); several principles at once: LinearAligner.generate")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
@@ -191,8 +176,8 @@ def prepare(tokenizer, prompts, principle, system=None, *, device=None) -> dict:
         raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token "
                          "(pad_token_id and eos_token_id are None): set tokenizer.pad_token_id")
     out = {}
-    for key, rows in (("", ids_with), ("_without", ids_without)):
-        ids, mask = _left_pad(rows, int(pad), max(map(len, rows)), 0)
+    for key, rows in (("", withs[0]), ("_without", without)):
+        ids, mask = left_pad(rows, int(pad), max(map(len, rows)), 0)
         out["input_ids" if not key else "ids" + key] = ids.to(device)
         out["attention_mask" + key] = mask.to(device)
     return out
@@ -210,9 +195,10 @@ class LinearAlignmentLogitsProcessor(LogitsProcessor):
     model: the model that ``generate`` runs. ids_without: the prompt ids of the branch without
     the principle, one row per prompt, in the order of ``input_ids`` (lists of ints, or a
     [B, L] tensor with ``attention_mask_without``, 0 on padding; without a mask every id is a
-    prompt token). ratio (default 3.0, unless ``kl_budget=`` is given), temperature, top_p:
-    a number or one per prompt (SPEC section 1; ``linalign.api``). Other keyword arguments
-    go to ``linalign.step`` (``kl_budget``, ``max_ratio``, ``backend``, ``check``).
+    prompt token). ratio, temperature, top_p (None: ``linalign.SamplingParams``'s defaults;
+    ratio's unless ``kl_budget=`` is given): a number or one per prompt (``linalign.api``).
+    Other keyword arguments go to ``linalign.step`` (``kl_budget``, ``max_ratio``,
+    ``backend``, ``check``).
 
     Each call takes the principle branch's ``input_ids`` [B, L] and ``scores`` [B, V] (raw
     logits, or what earlier processors made of them) and returns ``masked_scores``. The first
@@ -224,14 +210,15 @@ class LinearAlignmentLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, model, ids_without, attention_mask_without=None, *, ratio=None,
-                 temperature=DEFAULTS["temperature"], top_p=DEFAULTS["top_p"], **step_kwargs):
+                 temperature=None, top_p=None, **step_kwargs):
         bad = sorted(set(step_kwargs) & set(_TOKEN_ARGS))
         if bad:
             raise TypeError(f"{bad}: the processor returns scores and generate picks the token "
                             "(do_sample=False for greedy, do_sample=True to sample); for "
                             "linalign's own seeded sampling use linalign.hf.generate")
         self.model = model
-        self._aligner = _model_aligner(model)
+        self._call = ModelCall.of(model)
+        self._pad_id = _pad_id(model)
         # per-row values (one per prompt) are repeated with the prompts, see _per_row
         self._params = dict(ratio=ratio, temperature=temperature, top_p=top_p,
                             **{k: step_kwargs.pop(k) for k in ("kl_budget", "max_ratio")
@@ -244,8 +231,8 @@ class LinearAlignmentLogitsProcessor(LogitsProcessor):
         ``ids_without``: bind the processor to new prompts."""
         if ids_without is not None:
             self._rows = _unpadded("ids_without", ids_without, attention_mask_without,
-                                   self._aligner.vocab_size)
-        self._part = None    # the without-branch's _Part (cache, mask, positions)
+                                   self._call.vocab_size)
+        self._part = None    # the without-branch's CachedRows (cache, mask, positions)
         self._prompt = None  # [B, P] the principle-branch prompt of this generation
         self._length = 0     # input_ids length at the last call
         self._kw = None      # the step's per-row arguments for this generation's B rows
@@ -265,9 +252,8 @@ class LinearAlignmentLogitsProcessor(LogitsProcessor):
                 self._length = L
                 part = self._part
                 if part.length + 1 > part.mask.shape[1]:
-                    part.mask = torch.cat([part.mask, part.mask.new_ones(
-                        (part.mask.shape[0], MASK_CHUNK))], dim=1)
-                return self._aligner._decode_one(part, input_ids[:, -1].to(part.mask.device))
+                    part.grow(MASK_CHUNK)
+                return decode_one(self._call, part, input_ids[:, -1].to(part.mask.device))
             if not torch.equal(input_ids, self._prompt):
                 raise ValueError(
                     f"this processor is in the middle of a generation (principle-branch "
@@ -288,7 +274,7 @@ class LinearAlignmentLogitsProcessor(LogitsProcessor):
         self._kw = {name: _per_row(name, x, len(self._rows), k, dev)
                     for name, x in self._params.items()}
         self._kw.update(self._step_kwargs)
-        self._part, z0 = self._aligner._prefill(rows, MASK_CHUNK)
+        self._part, z0 = prefill(self._call, rows, self._pad_id, MASK_CHUNK)
         self._prompt, self._length = input_ids.clone(), L
         return z0
 
@@ -309,26 +295,70 @@ def _is_default_top_k(processor) -> bool:
         getattr(processor, "top_k", None) == defaults.get("top_k", 50)
 
 
+class _GenerateStep:
+    """``linalign.step`` as ``generate`` would run it: its logits processors act on the
+    principle branch first (they see the sequences so far); the aligned scores and raw
+    logits are kept when asked for; its stopping criteria end rows (``stop``)."""
+
+    def __init__(self, seq, processors, criteria, keep_scores, keep_logits):
+        self.seq, self.processors, self.criteria = seq, processors, criteria
+        self.keep_scores, self.keep_logits = keep_scores, keep_logits
+        self.scores, self.logits, self.now = [], [], None
+
+    def __call__(self, logits_p, logits_0, **kw):
+        # logits_p, logits_0: [B, V]; kw: linalign.step's keywords from the loop
+        raw = logits_p.to(torch.float32, copy=True)  # processors may write in place
+        z = raw
+        for p in self.processors:
+            z = p(self.seq, z)
+        out = linalign_step(z, logits_0, **kw)
+        self.now = dense_scores(z, logits_0, out, kw["temperature"])
+        if self.keep_scores:
+            self.scores.append(self.now)
+        if self.keep_logits:
+            self.logits.append(raw)
+        return out
+
+    def stop(self, tokens):
+        # tokens: [B] this step's tokens (padding for finished rows) -> [B] rows to end
+        self.seq = torch.cat([self.seq, tokens[:, None]], dim=-1)
+        if not self.criteria:
+            return torch.zeros_like(tokens, dtype=torch.bool)
+        return self.criteria(self.seq, self.now).to(tokens.device)
+
+
+def _values(x, W, k):
+    """A sampling option as ``SamplingParams`` takes it for the W k rows generate runs: a
+    number stays a number; W values (one per prompt) are repeated k times each, W k values
+    (one per generated sequence) are kept."""
+    if isinstance(x, torch.Tensor):
+        x = x.tolist() if x.dim() else x.item()
+    if not isinstance(x, (list, tuple)) or len(x) != W or k == 1:
+        return x
+    return [v for v in x for _ in range(k)]
+
+
 def generate(model, input_ids=None, logits_processor=None, stopping_criteria=None,
              generation_config=None, *, ids_without=None, attention_mask_without=None,
-             ratio=None, temperature=DEFAULTS["temperature"], top_p=DEFAULTS["top_p"],
-             top_k=None, kl_budget=None, max_ratio=None, seed=None, backend="auto",
-             streamer=None, **kwargs):
+             ratio=None, temperature=None, top_p=None, top_k=None, kl_budget=None,
+             max_ratio=None, seed=None, backend="auto", streamer=None, **kwargs):
     """Linear Alignment decoding as a ``custom_generate`` for ``model.generate``.
 
     ``model.generate(input_ids=<principle branch>, attention_mask=..., ids_without=...,
     attention_mask_without=..., custom_generate=linalign.hf.generate, max_new_tokens=...)``
     (``prepare`` builds these four from text), or ``linalign.hf.generate(model, ...)`` with
-    the same arguments. Both branches run as one batch of 2B rows, one forward per step;
-    each token comes from ``linalign.step``.
+    the same arguments. Both branches run as one batch of 2B rows, one forward per step, in
+    linalign's decoding loop (``linalign.decoding.decode``, dynamic caches, finished rows
+    kept in the batch as generate keeps them); each token comes from ``linalign.step``.
 
     ids_without, attention_mask_without: as for ``LinearAlignmentLogitsProcessor``.
-    ratio (default 3.0 unless ``kl_budget``), temperature, top_p: Linear Alignment's, a
-    number or one per prompt; ``generate`` hands them here, never to its own warpers.
-    kl_budget, max_ratio, backend: passed to ``linalign.step``. top_k: only None or 0 (the
-    nucleus is top_p of the principle branch). seed: sampling draws from ``linalign.step``'s
-    Philox stream with this seed and offset = the step index; None uses torch's global
-    generator (``torch.manual_seed`` reproduces).
+    ratio, kl_budget, max_ratio, temperature, top_p, seed: the options of
+    ``linalign.SamplingParams`` (None: its defaults), a number or one per prompt (or one per
+    generated sequence); ``generate`` hands them here, never to its own warpers. seed: as
+    for ``LinearAligner`` (row i of the call samples with its own Philox seed derived from
+    it, so the same seed gives ``LinearAligner.generate``'s tokens); None draws one from
+    torch's global generator (``torch.manual_seed`` reproduces). backend: the step's. top_k:
+    only None or 0 (the nucleus is top_p of the principle branch).
 
     From the generation config: ``max_new_tokens`` / ``max_length``, ``do_sample`` (False:
     greedy), eos and pad ids (a row ends at eos and emits pad afterwards; finished rows keep
@@ -381,59 +411,49 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
                       "generation config): Linear Alignment samples from its own aligned "
                       "distribution, set by temperature= and top_p= of this call",
                       UserWarning, stacklevel=2)
-    aligner = _model_aligner(model)
+    call = ModelCall.of(model)
     B, L = input_ids.shape
     with_rows = _unpadded("input_ids", input_ids, kwargs.get("attention_mask"),
-                          aligner.vocab_size)
+                          call.vocab_size)
     without, k = _expand(_unpadded("ids_without", ids_without, attention_mask_without,
-                                   aligner.vocab_size), B, "ids_without")
-    W, dev = B // k, aligner.device
+                                   call.vocab_size), B, "ids_without")
+    W, dev = B // k, call.device
     N = max(gc.max_length - L, 0)  # generate has set max_length from max_new_tokens
-    aligner._check_length([with_rows, without], N)
-    T = _per_row("temperature", temperature, W, k, dev)
-    kw = dict(_ratio_args(_per_row("ratio", ratio, W, k, dev),
-                          dict(kl_budget=_per_row("kl_budget", kl_budget, W, k, dev),
-                               max_ratio=_per_row("max_ratio", max_ratio, W, k, dev))),
-              temperature=T, top_p=_per_row("top_p", top_p, W, k, dev), backend=backend)
-    greedy = not gc.do_sample
+    options = dict(ratio=ratio, kl_budget=kl_budget, max_ratio=max_ratio,
+                   temperature=temperature, top_p=top_p, seed=seed)
+    params = SamplingParams.build(greedy=not gc.do_sample, max_new_tokens=N, **{
+        name: _values(x, W, k) for name, x in options.items() if x is not None})
+    rp = params.rows(B)
+    call.check_length([with_rows, without], N)
+    eos = [] if gc._eos_token_tensor is None else gc._eos_token_tensor.flatten().tolist()
     pad = gc._pad_token_tensor
-    pads = pad is not None and any(hasattr(c, "eos_token_id") for c in stopping_criteria or [])
-    want = gc.return_dict_in_generate
-    scores, raw = [], []
+    pad = int(pad) if pad is not None else (eos[0] if eos else 0)
     seq = input_ids.to(dev)  # the sequences so far: [B, L + t], on the model's device
-    unfinished = torch.ones(B, dtype=torch.bool, device=dev)
+    hook = _GenerateStep(seq, processors, stopping_criteria,
+                         gc.return_dict_in_generate and gc.output_scores,
+                         gc.return_dict_in_generate and gc.output_logits)
+    steps = decode(call, [with_rows, without], rp, step=hook, pad_id=pad, eos_ids=eos,
+                   cache=DynamicCaches(stacked=True, drop_finished=False), backend=backend,
+                   stop=hook.stop)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    with torch.no_grad():
-        part, logits = aligner._prefill(with_rows + without, N) if N else (None, None)
-        for t in range(N):
-            # logits: [2B, V], the principle branch's rows first
-            # (a copy: processors may write in place, output_logits keeps the raw ones)
-            zp_raw, z0 = logits[:B].to(torch.float32, copy=True), logits[B:]
-            zp = zp_raw
-            for p in processors:
-                zp = p(seq, zp)
-            out = step(zp, z0, greedy=greedy, seed=seed, offset=t, **kw)
-            s = _scores(zp, z0, out, kw.get("ratio"), T)
-            tok = out.tokens
-            if pads:
-                tok = torch.where(unfinished, tok, pad.to(dev))
-            seq = torch.cat([seq, tok[:, None]], dim=-1)
-            if want and gc.output_scores:
-                scores.append(s)
-            if want and gc.output_logits:
-                raw.append(zp_raw)
+    try:
+        while True:
+            tokens = next(steps)
             if streamer is not None:
-                streamer.put(tok.cpu())
-            if stopping_criteria:
-                unfinished &= ~stopping_criteria(seq, s).to(dev)
-            if t + 1 == N or not bool(unfinished.any()):
-                break
-            logits = aligner._decode_one(part, tok.repeat(2))
-    if streamer is not None:
-        streamer.end()
-    if not want:
+                streamer.put(tokens.cpu())
+    except StopIteration as end:
+        decoded = end.value
+    finally:
+        steps.close()
+        if streamer is not None:
+            streamer.end()
+    n = max(map(len, decoded.token_ids), default=0)
+    new = torch.tensor([r + [pad] * (n - len(r)) for r in decoded.token_ids],
+                       dtype=seq.dtype, device=dev).reshape(B, n)
+    seq = torch.cat([seq, new], dim=-1)
+    if not gc.return_dict_in_generate:
         return seq
-    return GenerateDecoderOnlyOutput(sequences=seq,
-                                     scores=tuple(scores) if gc.output_scores else None,
-                                     logits=tuple(raw) if gc.output_logits else None)
+    return GenerateDecoderOnlyOutput(
+        sequences=seq, scores=tuple(hook.scores[:n]) if gc.output_scores else None,
+        logits=tuple(hook.logits[:n]) if gc.output_logits else None)

@@ -33,8 +33,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._args import integer, number
-from .decoder import DEFAULTS, MODES, _decode_text
+from .cli_args import MODES, integer, number as _rule_number
+from .options import DEFAULT_RATIO, SamplingParams
+from .prompts import decode_text
+
+_DEFAULTS = SamplingParams()
 
 #: ``--model`` value that builds the tiny random Llama of ``linalign.testing`` with its byte
 #: tokenizer (no download, gibberish output): for tests of the command.
@@ -42,7 +45,6 @@ TINY_MODEL = "linalign:tiny-random"
 #: Fields an input line may have. Anything else is reported (a typo like "principles" or
 #: "max_tokens" would otherwise be silently ignored).
 FIELDS = ("id", "prompt", "principle", "ratio", "kl_budget", "seed", "max_new_tokens")
-DEFAULT_RATIO = DEFAULTS["ratio"]
 #: torch.distributed timeout for the final gather: ranks finish their shards at different
 #: times and wait there for the slowest one, which may take hours on a long job.
 DIST_TIMEOUT_HOURS = 7 * 24
@@ -326,10 +328,10 @@ class Settings:
     ratio: float | None = None          # None: DEFAULT_RATIO, unless kl_budget is given
     kl_budget: float | None = None
     max_ratio: float | None = None
-    temperature: float = DEFAULTS["temperature"]
-    top_p: float = DEFAULTS["top_p"]
-    greedy: bool = DEFAULTS["greedy"]
-    max_new_tokens: int = DEFAULTS["max_new_tokens"]
+    temperature: float = _DEFAULTS.temperature
+    top_p: float = _DEFAULTS.top_p
+    greedy: bool = _DEFAULTS.greedy
+    max_new_tokens: int = _DEFAULTS.max_new_tokens
     seed: int | None = None             # base of the per-row seeds (sampling)
     mode: str = "stacked"
     system: str | None = None
@@ -552,7 +554,7 @@ def decode_jobs(aligner, jobs: list[Job], s: Settings, write, *, batch_size: int
         def finish(i, ids, reason, text=None):
             nonlocal written
             if text is None:
-                text = _decode_text(aligner.tokenizer, ids)
+                text = decode_text(aligner.tokenizer, ids)
             write(result_line(batch[i], ids, text, reason, s, rank, cap))
             finished[i] = True
             written += 1
@@ -612,6 +614,7 @@ def add_run_parser(subparsers):
     r = subparsers.add_parser("run", help="align many prompts from a JSON-lines file "
                               "(resumable, torchrun-aware)", description=DESCRIPTION)
     add_run_arguments(r)
+    r.set_defaults(run_command=run_command)
     return r
 
 
@@ -622,24 +625,24 @@ def add_run_arguments(r):
                    "per line (appended to; existing ids are skipped)")
     r.add_argument("--model", default=None, metavar="PATH", help="a local Hugging Face "
                    "causal-LM folder or .gguf file (default: the embedded SmolLM2)")
-    r.add_argument("--ratio", type=number(), default=None,
+    r.add_argument("--ratio", type=_rule_number("ratio"), default=None,
                    help=f"ratio of lines that give none (default {DEFAULT_RATIO})")
-    r.add_argument("--kl-budget", type=number(0.0, lo_open=True, what="a number > 0"),
+    r.add_argument("--kl-budget", type=_rule_number("kl_budget"),
                    default=None, help="kl mode for lines that give no ratio: per-token "
                    "budget in nats (SPEC section 3)")
-    r.add_argument("--max-ratio", type=number(0.0, what="a number >= 0"), default=None,
+    r.add_argument("--max-ratio", type=_rule_number("max_ratio"), default=None,
                    help="kl mode: clip the derived ratio to this (default: the decoder's)")
-    r.add_argument("--temperature", type=number(0.0, what="a number >= 0"),
-                   default=DEFAULTS["temperature"], help="default %(default)s")
-    r.add_argument("--top-p", type=number(0.0, lo_open=True, hi=1.0, what="a number in (0, 1]"),
-                   default=DEFAULTS["top_p"], help="nucleus of the principle branch (default "
+    r.add_argument("--temperature", type=_rule_number("temperature"),
+                   default=_DEFAULTS.temperature, help="default %(default)s")
+    r.add_argument("--top-p", type=_rule_number("top_p"),
+                   default=_DEFAULTS.top_p, help="nucleus of the principle branch (default "
                    "%(default)s)")
     g = r.add_mutually_exclusive_group()
     g.add_argument("--greedy", dest="greedy", action="store_true", default=True,
                    help="argmax inside the nucleus (default)")
     g.add_argument("--sample", dest="greedy", action="store_false",
                    help="sample from the aligned distribution")
-    r.add_argument("--max-new-tokens", type=integer(), default=DEFAULTS["max_new_tokens"],
+    r.add_argument("--max-new-tokens", type=integer(), default=_DEFAULTS.max_new_tokens,
                    help="for lines that give none (default %(default)s)")
     r.add_argument("--seed", type=integer(), default=None, help="--sample: base of the per-row "
                    "seeds, mixed with each id (default: a fresh one); a line's own seed wins")

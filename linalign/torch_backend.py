@@ -1,5 +1,6 @@
 """The fast torch path: the step vectorised over the batch, sort-free, for CPU tensors (and
-as a fallback on GPUs without Triton).
+as a fallback on GPUs without Triton). ``run(args)`` is its entry point, for every mode: one
+principle with a fixed ratio, kl mode (``kl_ratio``) and several principles (``compose``).
 
 How it avoids sorting the vocabulary:
 
@@ -24,8 +25,9 @@ tokens as the Triton kernel.
 """
 import torch
 
+from .arguments import StepArgs, StepOutput, used_ratio
+from .constants import FMAX, GAP, Status
 from .random import row_uniforms
-from .reference import GAP, aligned_scores
 
 CANDIDATES = 256  # first try: the nucleus of a real row is a handful to a few hundred tokens
 BUCKETS = 1024  # slices of the gap window [0, 80 T] used to size the candidate set
@@ -84,7 +86,8 @@ def _finish(cz, ckey, cz0, cidx, tau, inv_t, r, t0, greedy, u):
     fallback = ~ok.any(-1) & (n_in > 0)
     ok = torch.where(fallback[:, None], in_n, ok)
     r_eff = torch.where(fallback, 0.0, r)
-    a = aligned_scores(cz, torch.where(ok, cz0, cz), r_eff[:, None])
+    d = (cz - torch.where(ok, cz0, cz)).clamp(-FMAX, FMAX)
+    a = (cz + r_eff[:, None] * d).clamp(-FMAX, FMAX)  # z_p + r (z_p - z_0), clamped
     a = torch.where(ok, a, -_INF)
     a_max = a.amax(-1)
     ref = torch.where(a_max == -_INF, 0.0, a_max)
@@ -215,14 +218,16 @@ def torch_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, generat
             break
         rows = rows[~fits]
     tokens, logprobs, sizes, fallback = results
-    status = fallback.to(torch.int32) | torch.where(bad | empty, 2, 0).to(torch.int32)
+    status = torch.where(fallback, int(Status.FALLBACK), 0) | \
+        torch.where(bad | empty, int(Status.BAD_INPUT), 0)
+    status = status.to(torch.int32)
     tokens = torch.where(empty, 0, tokens)
     logprobs = torch.where(empty, -_INF, logprobs)
     return tokens, logprobs, sizes, status
 
 
 def kl_ratio(logits_p, logits_0, temperature, kl_budget, max_ratio):
-    """kl mode (SPEC 3), vectorised: the [B] fp32 ``r_eff = kappa - 1`` of every row.
+    """kl mode (docs/semantics.md, "kl mode"), vectorised: the [B] fp32 ``r_eff = kappa - 1`` of every row.
 
     ``v`` = variance of ``g = (z_p - z_0) / T`` under ``softmax(z_0 / T)`` over the tokens
     finite in both branches (NaN and +inf count as banned), computed in two passes (the
@@ -264,4 +269,84 @@ def kl_ratio(logits_p, logits_0, temperature, kl_budget, max_ratio):
     return torch.where(t0 | (W == 0) | (v == 0), 0.0, kappa - 1.0)
 
 
-__all__ = ["torch_step", "radix_threshold", "kl_ratio"]
+
+# -------------------------------------------------------------------- several principles
+def _col(x, B, device):
+    """A Python number stays a number; a [B] tensor becomes an fp32 [B, 1] column."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float32).reshape(B, 1)
+    return float(x)
+
+
+def compose(logits, logits_0, ratios):
+    """Several principles (docs/semantics.md, "Several principles") as the two branches of a
+    one-principle step.
+
+    ``logits`` [K, B, V] and ``logits_0`` [B, V] (fp32/bf16/fp16), ``ratios`` K numbers or
+    [B] tensors -> (``z_c``, ``z_b``, ``bad``): ``z_c = z_1 + sum_{k >= 2} (z_k - z_0)``, the
+    composed principle branch whose nucleus the step takes, and ``z_b = 2 z_c - a`` with
+    ``a = z_0 + sum_k (1 + r_k)(z_k - z_0)``, so that the step with ratio 1,
+    ``z_c + 1 (z_c - z_b) = a``, scores exactly the composed logits (up to fp32 rounding);
+    two fp32 [B, V] tensors, and the [B] bool rows that held NaN or +inf in some branch. A
+    token that is not finite in every branch is -inf in both outputs (banned, out of the
+    nucleus). The Triton version (``linalign.kernels.compose``) does the same arithmetic.
+    """
+    K, B, V = logits.shape
+    dev = logits.device
+    zs, z0 = logits.float(), logits_0.float()
+    if dev.type == "cpu" and not torch.compiler.is_compiling():
+        # On the CPU a check costs nothing: rows of finite logits (the usual case) skip
+        # the masks, in place where possible (every fresh [B, V] buffer costs page faults).
+        hi = torch.maximum(zs.amax((0, 2)), z0.amax(-1))  # NaN propagates
+        lo = torch.minimum(zs.amin((0, 2)), z0.amin(-1))
+        if bool(((hi < _INF) & (lo > -_INF)).all()):
+            d = zs - z0  # [K, B, V]
+            zc = zs[0].clone()
+            for k in range(1, K):
+                zc += d[k]  # z_1 + sum_{k >= 2} (z_k - z_0): the reference's order
+            zc.clamp_(-FMAX, FMAX)
+            a = z0.clone()
+            for k in range(K):
+                a.add_((1.0 + _col(ratios[k], B, dev)) * d[k]).clamp_(-FMAX, FMAX)
+            zb = zc.mul(2.0).sub_(a).clamp_(-FMAX, FMAX)
+            return zc, zb, torch.zeros(B, dtype=torch.bool, device=dev)
+    bad_s = torch.isnan(zs) | (zs == _INF)
+    bad_0 = torch.isnan(z0) | (z0 == _INF)
+    bad = bad_s.any(-1).any(0) | bad_0.any(-1)
+    finite = ((zs > -_INF) & ~bad_s).all(0) & (z0 > -_INF) & ~bad_0
+    z0f = torch.where(finite, z0, 0.0)
+    d = torch.where(finite, zs - z0f, 0.0)  # [K, B, V]
+    zc = torch.where(finite, zs[0], 0.0)
+    for k in range(1, K):
+        zc = zc + d[k]  # z_1 + sum_{k >= 2} (z_k - z_0): the reference's order
+    zc = zc.clamp(-FMAX, FMAX)
+    a = z0f
+    for k in range(K):
+        a = (a + (1.0 + _col(ratios[k], B, dev)) * d[k]).clamp(-FMAX, FMAX)
+    zb = (2.0 * zc - a).clamp(-FMAX, FMAX)
+    return (torch.where(finite, zc, -_INF), torch.where(finite, zb, -_INF), bad)
+
+
+def flag_bad_rows(status: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``status`` with ``Status.BAD_INPUT`` set on the [B] bool rows ``bad``."""
+    return status | torch.where(bad, int(Status.BAD_INPUT), 0).to(torch.int32)
+
+
+# ------------------------------------------------------------------------- entry point
+def run(args: StepArgs) -> StepOutput:
+    """The step on checked arguments (every mode); ``ratio`` of the output is [K, B]."""
+    args.host_seed()
+    kw = dict(greedy=args.greedy, generator=args.generator, seed=args.seed,
+              offset=args.offset)
+    if args.K == 1:
+        zp = args.logits[0]
+        r = args.ratios[0] if args.kl is None else \
+            kl_ratio(zp, args.logits_0, args.temperature, *args.kl)
+        out = torch_step(zp, args.logits_0, r, args.temperature, args.top_p, **kw)
+        return StepOutput(*out, ratio=used_ratio(r, out[3])[None])
+    zc, zb, bad = compose(args.logits, args.logits_0, args.ratios)
+    tokens, logprobs, sizes, status = torch_step(zc, zb, 1.0, args.temperature, args.top_p,
+                                                 **kw)
+    status = flag_bad_rows(status, bad)
+    return StepOutput(tokens, logprobs, sizes, status,
+                      torch.stack([used_ratio(r, status) for r in args.ratios]))

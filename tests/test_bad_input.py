@@ -181,7 +181,7 @@ def test_out_of_memory_is_a_clear_error(model, reference, monkeypatch, error, mo
         assert isinstance(info.value, MemoryError) and info.value.__cause__ is None
         with pytest.raises(BatchTooLargeError):
             list(a.stream(PROMPTS, PRINCIPLE, max_new_tokens=N, mode=mode, fast=fast))
-    assert not any(s.busy for s in a._fast_sessions.values())
+    assert not any(s.busy for s in a.static.sessions.values())
     assert a.generate(PROMPTS, PRINCIPLE, max_new_tokens=N, mode=mode,
                       fast=fast).token_ids == reference[fast]
 
@@ -200,7 +200,7 @@ class Stop(Exception):
 @pytest.mark.parametrize("fast", [False, True])
 def test_interrupted_streams_leave_the_aligner_usable(aligner, reference, fast):
     def usable():
-        assert not any(s.busy for s in aligner._fast_sessions.values())
+        assert not any(s.busy for s in aligner.static.sessions.values())
         assert not torch.is_inference_mode_enabled()
         out = aligner.generate(PROMPTS, PRINCIPLE, max_new_tokens=N, fast=fast)
         assert out.token_ids == reference[fast]
@@ -295,7 +295,7 @@ def _main(capsys, *args):
     (["hi", "--principle", "x", "--max-new-tokens", "-1"], "--max-new-tokens"),
     (["hi", "--principle", "x", "--max-new-tokens", "2.5"], "--max-new-tokens"),
     (["hi", "--principle", "x", "--model", "/no/such/model"], "no such folder or file"),
-    (["hi", "--principle", "x", "--threads", "0"], "--threads must be at least 1"),
+    (["hi", "--principle", "x", "--threads", "0"], "--threads: expected an integer >= 1"),
     (["hi", "--principle", "x", "--temperature", "-1"], "--temperature"),
     (["hi", "--principle", "x", "--mode", "fast"], "--mode"),
 ])

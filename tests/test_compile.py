@@ -49,7 +49,7 @@ for i, (greedy, rng, per_row, split, kl) in enumerate(variants):
     build(ks.la_step_kernel, dict(R_PER_ROW=per_row, T_PER_ROW=per_row, P_PER_ROW=per_row,
                                   KL=kl, E_PER_ROW=per_row, X_PER_ROW=not per_row,
                                   RNG=rng, OFF_PER_ROW=per_row, GREEDY=greedy, SPLIT=split,
-                                  SP=32, BLOCK=blk, BLOCK_P=blk_p, K=K, L=L, CMAX=CMAX,
+                                  SP=32, BLOCK=blk, BLOCK_P=blk_p, NPIV=K, L=L, CMAX=CMAX,
                                   JB=ks.JB_TAU), warps)
 for kl in (False, True):
     build(ks.la_max_kernel, dict(T_PER_ROW=kl, KL=kl, BLOCK=1024), 4)

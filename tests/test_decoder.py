@@ -242,7 +242,7 @@ def test_cache_argument_follows_the_installed_transformers(aligner, model):
     must pass the name this version reads, and every decode forward sees one new token."""
     import inspect
     params = inspect.signature(model.forward).parameters
-    assert aligner._cache_kw in params
+    assert aligner.call.cache_kw in params
     seen = []
     forward = model.forward
 
@@ -351,9 +351,25 @@ def test_fast_refuses_what_it_cannot_run(aligner):
         aligner.stream("Q", PRINCIPLE, mode="two-caches", fast=True)
     with pytest.raises(TypeError, match="fast must be True or False"):
         aligner.generate_ids(w, wo, fast="yes")
-    aligner._has_cache_kw = False  # a forward without a cache argument
+    no_cache = linalign.LinearAligner(_WithoutCacheArgument(aligner.model), ByteTokenizer())
     with pytest.raises(ValueError, match="takes a KV cache"):
-        aligner.generate_plain_ids(w, fast=True)
+        no_cache.generate_plain_ids(w, fast=True)
+
+
+class _WithoutCacheArgument(torch.nn.Module):
+    """A causal LM whose forward takes no KV cache argument (it recomputes everything)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config = model, model.config
+        self.generation_config = model.generation_config
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, use_cache=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -13,6 +13,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 import linalign
 from linalign import hf, reference
+from linalign.options import DEFAULT_RATIO
 from linalign.testing import ByteTokenizer, random_llama, two_branch
 
 from helpers import assert_same_or_near_tie, branch_logits
@@ -111,9 +112,10 @@ def test_masked_scores_are_the_reference(backend):
     row = torch.full((1000,), float("-inf"))
     row[int(zp[5].argmax())] = 0.0
     assert torch.equal(s[5], row)
-    # Python numbers, the authors' defaults
+    # Python numbers, the defaults (linalign.SamplingParams)
     s, _ = hf.masked_scores(zp[:5], z0[:5], backend=backend)
-    _check_scores(s, zp[:5], z0[:5], 3.0, 0.5, 0.8)
+    d = linalign.SamplingParams()
+    _check_scores(s, zp[:5], z0[:5], DEFAULT_RATIO, d.temperature, d.top_p)
 
 
 def test_masked_scores_in_kl_mode():
@@ -321,7 +323,8 @@ def test_readme_example_matches_the_aligner():
     model, tokenizer = scope["model"], scope["tokenizer"]
     prompts, principle, n = scope["prompts"], scope["principle"], scope["n"]
     aligner = linalign.LinearAligner(model, tokenizer)
-    want = aligner.generate(prompts, principle, max_new_tokens=scope["max_new_tokens"])
+    want = aligner.generate(prompts, principle, ratio=3.0,
+                            max_new_tokens=scope["max_new_tokens"])
     ids_with, ids_without = aligner.branches(prompts, principle)
     for seq in (scope["aligned"], scope["processed"]):
         got = _new(seq, n, eos=(2,))

@@ -3,7 +3,7 @@
 ``softmax((z_0 + sum_k (z_k - z_0)) / T)``.
 
 The reference computes it directly, row by row; the torch path and the Triton kernel go
-through ``linalign.compose`` (two branches for the one-principle step). K = 1 is exactly
+through ``linalign.torch_backend.compose`` (two branches for the one-principle step). K = 1 is exactly
 the one-principle step. The decoder runs the K + 1 branches in one forward."""
 import pytest
 import torch
@@ -45,11 +45,11 @@ def test_matches_the_reference(device, K, backend):
 
 
 def test_compose_kernel_equals_the_torch_compose(device):
-    """kernels.la_compose (one Triton pass) and linalign.compose (torch ops) agree, bans and
+    """kernels.la_compose (one Triton pass) and linalign.torch_backend.compose (torch ops) agree, bans and
     bad rows included: bit for bit through the interpreter; on a GPU to fp32 rounding (the
     compiler may fuse a multiply and an add into one FMA)."""
     from linalign import kernels
-    from linalign.compose import compose
+    from linalign.torch_backend import compose
 
     zs, z0 = _branches(3, seed=4, device=device)
     zs[2, 4, 17] = float("nan")

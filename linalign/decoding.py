@@ -1,0 +1,597 @@
+"""Decoding as small free functions, in the manner of gpt-fast's ``generate.py``.
+
+- ``ModelCall``: how to call one Hugging Face causal LM with a KV cache (the cache keyword
+  of its transformers version, ``logits_to_keep``).
+- ``left_pad``, ``prefill``, ``decode_one``: rows of prompt ids left-padded into one batch
+  with an attention mask and positions counted from each row's first real token, their
+  prompt forward, and the forward of one new token per row (``CachedRows`` holds the cache).
+- ``DecodeState``: what a decoding call keeps on the device (the step's per-row
+  parameters, the step index, done flags, status bits, output tokens), updated in place.
+- ``take_step``: one token for every row from one forward's logits, with the step as a
+  parameter (``linalign.step``, the authors' step, or a wrapper such as ``linalign.hf``'s).
+- ``decode``: **the** loop. It takes a cache strategy (``linalign.caches``: dynamic caches,
+  or a static cache replayed as a CUDA graph) and a step function, yields every step's
+  tokens and returns a ``Decoded``. ``stream_text`` and ``feed_streamer`` are iterators
+  over it.
+
+Every call shape: G branch groups (K principle groups and the base group; G = 1 for plain
+decoding) of B rows, stacked group-major as G B rows in one forward. Design and choices:
+docs/decoder.md.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .constants import Status
+from .options import RowParams
+from .prompts import decode_text
+
+
+# ---------------------------------------------------------------------------- the model
+@dataclass
+class ModelCall:
+    """How to call ``model``'s forward with a KV cache."""
+
+    model: object
+    cache_kw: str          # "cache" (transformers 5.24) or "past_key_values" (5.17)
+    keep_logits: bool      # the forward takes logits_to_keep
+    takes_cache: bool      # the forward takes a cache argument at all
+
+    @classmethod
+    def of(cls, model) -> ModelCall:
+        params = inspect.signature(model.forward).parameters
+        # transformers 5.24 renamed past_key_values to cache; 5.17 ignores cache= silently.
+        kw = "cache" if "cache" in params and "past_key_values" not in params \
+            else "past_key_values"
+        return cls(model, kw, "logits_to_keep" in params,
+                   "cache" in params or "past_key_values" in params)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: the valid prompt ids are [0, vocab_size)."""
+        return self.model.get_input_embeddings().num_embeddings
+
+    def __call__(self, ids, mask, pos, cache) -> torch.Tensor:
+        # ids, pos: [R, n]; mask: [R, length] -> logits [R, V] at the last position
+        kw = {self.cache_kw: cache, "use_cache": True}
+        if self.keep_logits:
+            kw["logits_to_keep"] = 1
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                          **kw).logits[:, -1, :]
+
+    def check_length(self, groups, max_new_tokens):
+        """Before any compute: every row's prompt plus max_new_tokens fits the model's
+        positions (max_position_embeddings; a model without it is not checked)."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is None:
+            return
+        names = ["with the principle", "without the principle"] if len(groups) == 2 else \
+            ["plain"] if len(groups) == 1 else \
+            [f"principle {k + 1}" for k in range(len(groups) - 1)] + ["without the principles"]
+        for i in range(len(groups[0])):
+            g = max(range(len(groups)), key=lambda g: len(groups[g][i]))
+            n = len(groups[g][i])
+            if n + max_new_tokens > limit:
+                raise ValueError(
+                    f"prompt {i} ({names[g]} branch) has {n} tokens; {n} + max_new_tokens="
+                    f"{max_new_tokens} = {n + max_new_tokens} positions exceeds the model's "
+                    f"context of {limit} positions (max_position_embeddings): shorten the "
+                    f"prompt or the principle, or lower max_new_tokens to at most "
+                    f"{max(0, limit - n)}")
+
+
+def left_pad(rows, pad_id, L, new_tokens):
+    """Prompt ids left-padded to L ([R, L]) and the attention mask over the prompt and the
+    tokens to come ([R, L + new_tokens]), on the CPU."""
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), L + new_tokens), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = torch.tensor(r)
+        mask[i, L - len(r):] = 1
+    mask[:, L:] = 1
+    return ids, mask
+
+
+def positions(mask_prompt: torch.Tensor) -> torch.Tensor:
+    """Position ids counted from each row's first real token: [R, L] from the [R, L] mask."""
+    return (mask_prompt.cumsum(-1) - 1).clamp(min=0)
+
+
+class CachedRows:
+    """One batched dynamic KV cache: its rows' attention mask (preallocated to the final
+    length), the next position of every row, and the cache object (updated in place)."""
+
+    def __init__(self, cache, mask, pos, length):
+        self.cache = cache    # DynamicCache over [R, ...]
+        self.mask = mask      # [R, L + max_new_tokens] int64, 0 on left padding
+        self.pos = pos        # [R] int64: position of the next token
+        self.length = length  # positions used so far (the same for every row)
+
+    def select(self, idx):
+        """Keep rows ``idx`` (a [R'] index tensor), their cache rows included."""
+        self.cache.batch_select_indices(idx)
+        self.mask = self.mask[idx]
+        self.pos = self.pos[idx]
+
+    def grow(self, extra: int):
+        """``extra`` more mask positions (for a caller that does not know the length)."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], extra))], 1)
+
+
+def prefill(call: ModelCall, rows, pad_id, max_new_tokens) -> tuple[CachedRows, torch.Tensor]:
+    """The prompt forward of R rows of prompt ids: (their cache, logits [R, V] of each row's
+    last prompt position)."""
+    from transformers import DynamicCache
+
+    dev = call.device
+    L = max(len(r) for r in rows)
+    ids, mask = left_pad(rows, pad_id, L, max_new_tokens)
+    ids, mask = ids.to(dev), mask.to(dev)
+    pos = positions(mask[:, :L])
+    part = CachedRows(DynamicCache(), mask, pos[:, -1] + 1, L)
+    return part, call(ids, mask[:, :L], pos, part.cache)
+
+
+def decode_one(call: ModelCall, part: CachedRows, tokens) -> torch.Tensor:
+    """The forward of one new token per row: tokens [R] -> logits [R, V]."""
+    part.length += 1
+    if part.length > part.mask.shape[1]:
+        raise ValueError(f"the attention mask has {part.mask.shape[1]} positions; grow it "
+                         "(CachedRows.grow) before decoding past them")
+    logits = call(tokens[:, None], part.mask[:, :part.length], part.pos[:, None], part.cache)
+    part.pos = part.pos + 1
+    return logits
+
+
+def split_branches(chunks, G, Ba):
+    """The step's (z_p, z_0) from one forward's logits: ``chunks`` is [the stacked
+    [G Ba, V] logits] or one [Ba, V] tensor per group (one cache per group). G = 1: both
+    are the same rows; G = K + 1 >= 3: z_p is [K, Ba, V]. Views, no copy."""
+    if len(chunks) == 1:
+        z = chunks[0]
+        if G <= 2:
+            return z[:Ba], z[(G - 1) * Ba:]
+        return z[:(G - 1) * Ba].view(G - 1, Ba, -1), z[(G - 1) * Ba:]
+    if G <= 2:
+        return chunks[0], chunks[-1]
+    return torch.stack(chunks[:-1]), chunks[-1]
+
+
+# ---------------------------------------------------------------------------- the state
+class DecodeState:
+    """What one decoding call keeps on the device, over its Ba active rows (all B at first),
+    updated in place so that a CUDA graph captured over one step stays valid.
+
+    Per active row: the step's parameters (``ratio`` [K, Ba] or kl mode's ``kl_budget`` and
+    ``max_ratio``, ``temperature``, ``top_p``, ``seeds``), the step index ``off`` (the
+    sampling offset), ``done``, the OR of ``status`` bits, the sum of the ratios used
+    (``ratio_sum``), the number of tokens before the row ended (``length``), the output
+    tokens and log-probs [Ba, N], and ``tok_in`` [G Ba] (the next input token of every
+    branch row). ``rows``: each active row's index in the call (None while every row is
+    active). Finished rows that leave the batch (``select``) are kept in ``retired``.
+    """
+
+    def __init__(self, G, B, N, *, greedy, want_logprobs, kl, eos_ids, pad_id, device):
+        K = max(G - 1, 1)
+        i64 = dict(dtype=torch.long, device=device)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.G, self.B, self.N, self.greedy = G, B, N, greedy
+        self.ratio = None if kl else torch.zeros((K, B), **f32)
+        self.kl_budget = torch.zeros(B, **f32) if kl else None
+        self.max_ratio = torch.zeros(B, **f32) if kl else None
+        self.temperature = torch.zeros(B, **f32)
+        self.top_p = torch.zeros(B, **f32)
+        self.seeds = None if greedy else torch.zeros(B, **i64)
+        self.off = torch.zeros(B, **i64)
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self.status = torch.zeros(B, dtype=torch.int32, device=device)
+        self.ratio_sum = torch.zeros(B, **f32)
+        self.length = torch.zeros(B, dtype=torch.int32, device=device)
+        self.out_tok = torch.zeros((B, N), **i64)
+        self.out_lp = torch.zeros((B, N), **f32) if want_logprobs else None
+        self.tok_in = torch.zeros(G * B, **i64)
+        self.eos = torch.tensor(list(eos_ids) or [-1], **i64)  # [E] end-of-sequence ids
+        self.pad_id = pad_id
+        self.rows = None     # [Ba] call-order index of each active row; None: all
+        self.retired = {}    # call-order index -> its outputs (Python values)
+
+    @property
+    def kl(self) -> bool:
+        return self.kl_budget is not None
+
+    def load(self, rp: RowParams):
+        """Start a call: copy in the per-row values (in place) and clear the rest."""
+        dev = self.done.device
+
+        def put(dst, values, dtype=torch.float32):
+            dst.copy_(torch.tensor(values, dtype=dtype, device=dev))
+
+        if self.kl:
+            put(self.kl_budget, rp.kl[0])
+            put(self.max_ratio, rp.kl[1])
+        else:
+            put(self.ratio, rp.ratios)
+        put(self.temperature, rp.temperature)
+        put(self.top_p, rp.top_p)
+        if self.seeds is not None:
+            put(self.seeds, rp.seeds, torch.long)
+        for t in (self.off, self.done, self.status, self.ratio_sum, self.length):
+            t.zero_()
+        self.out_tok.fill_(self.pad_id)
+        if self.out_lp is not None:
+            self.out_lp.zero_()
+        self.rows, self.retired = None, {}
+
+    def step_kwargs(self) -> dict:
+        """The step's keyword arguments for the active rows (check=False: no host sync)."""
+        if self.kl:
+            how = dict(kl_budget=self.kl_budget, max_ratio=self.max_ratio)
+        else:
+            how = dict(ratio=self.ratio[0] if self.G <= 2 else self.ratio)
+        return dict(how, temperature=self.temperature, top_p=self.top_p, greedy=self.greedy,
+                    seed=self.seeds, offset=self.off, check=False)
+
+    def step_tokens(self, t: int) -> torch.Tensor:
+        """Step t's tokens of all B rows, in call order (padding for finished rows)."""
+        if self.rows is None:
+            return self.out_tok[:, t]
+        full = torch.full((self.B,), self.pad_id, dtype=torch.long, device=self.done.device)
+        return full.index_copy_(0, self.rows, self.out_tok[:, t])
+
+    _PER_ROW = ("ratio_sum", "status", "length", "out_tok", "out_lp")
+
+    def _host_rows(self, idx=None) -> list[dict]:
+        """The per-row outputs of active rows ``idx`` (all when None) as Python values."""
+        cols = {n: (getattr(self, n) if idx is None else getattr(self, n)[idx]).tolist()
+                for n in self._PER_ROW if getattr(self, n) is not None}
+        count = self.done.numel() if idx is None else idx.numel()
+        return [{n: v[j] for n, v in cols.items()} for j in range(count)]
+
+    def call_rows(self) -> list[int]:
+        """The call-order index of every active row."""
+        return list(range(self.done.numel())) if self.rows is None else self.rows.tolist()
+
+    def select(self, keep: torch.Tensor):
+        """Keep the active rows ``keep`` (indices into the active rows); the others are
+        retired with their outputs (read to the host)."""
+        Ba = self.done.numel()
+        gone = torch.ones(Ba, dtype=torch.bool, device=keep.device)
+        gone[keep] = False
+        gone = gone.nonzero().squeeze(1)
+        order = self.call_rows()
+        for j, values in zip(gone.tolist(), self._host_rows(gone)):
+            self.retired[order[j]] = values
+        for name in ("temperature", "top_p", "seeds", "off", "done", "kl_budget",
+                     "max_ratio", *self._PER_ROW):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[keep])
+        if self.ratio is not None:
+            self.ratio = self.ratio[:, keep]
+        self.tok_in = self.tok_in.view(self.G, Ba)[:, keep].reshape(-1)
+        self.rows = (torch.arange(Ba, device=keep.device) if self.rows is None
+                     else self.rows)[keep]
+
+    def host_row(self, i: int) -> dict:
+        """Row ``i``'s (call order) outputs so far as Python values."""
+        if i in self.retired:
+            return self.retired[i]
+        j = self.call_rows().index(i)
+        return self._host_rows(torch.tensor([j], device=self.done.device))[0]
+
+    def collect(self) -> list[dict]:
+        """Every row's outputs, in call order, as Python values (the state is unchanged)."""
+        rows = dict(self.retired)
+        rows.update(zip(self.call_rows(), self._host_rows()))
+        return [rows[i] for i in range(self.B)]
+
+
+def take_step(state: DecodeState, chunks, step, *, backend="auto", stop=None):
+    """One token for every active row from one forward's logits ``chunks`` (see
+    ``split_branches``), all in place on the device (no host synchronisation): the step at
+    step index ``state.off``, then the bookkeeping (finished rows emit padding; a row is done
+    at an end-of-sequence token, or where ``stop(tokens)`` says so)."""
+    Ba, G = state.done.numel(), state.G
+    zp, z0 = split_branches(chunks, G, Ba)
+    out = step(zp, z0, backend=backend, **state.step_kwargs())
+    done = state.done
+    if G > 1 and out.ratio is not None:
+        used = out.ratio if out.ratio.dim() == 1 else out.ratio.mean(0)
+        state.ratio_sum.add_(torch.where(done, 0.0, used))
+    tok = torch.where(done, state.pad_id, out.tokens)
+    col = state.off[:1]
+    state.out_tok.index_copy_(1, col, tok[:, None])
+    if state.out_lp is not None:
+        state.out_lp.index_copy_(1, col, torch.where(done, 0.0, out.logprobs)[:, None])
+    state.status.bitwise_or_(torch.where(done, 0, out.status).to(torch.int32))
+    state.length.add_((~done).to(torch.int32))
+    ended = (tok[:, None] == state.eos).any(1)
+    if stop is not None:
+        ended = ended | stop(tok)
+    done.logical_or_(ended)
+    state.tok_in.copy_(tok.repeat(G))
+
+
+# ---------------------------------------------------------------------------- the loop
+class BadLogitsError(RuntimeError):
+    """The model produced NaN or +inf logits (or no finite logit) for some rows."""
+
+
+def raise_on_bad_rows(status: torch.Tensor, rows=None):
+    bad = ((status & int(Status.BAD_INPUT)) != 0).nonzero().squeeze(1)
+    if rows is not None:
+        bad = rows[bad]
+    raise BadLogitsError(f"the model produced NaN or +inf logits, or no finite logit, for "
+                         f"rows {bad.tolist()}: no token can be chosen (check the model's "
+                         "dtype and weights)")
+
+
+@dataclass
+class Decoded:
+    """What the loop returns, per row in call order: the generated ids (up to and including
+    the token that ended the row), why it ended ("eos", "stop" or "length"), the
+    log-probabilities (when asked for), the OR of the step's status bits, the mean ratio
+    the step used (None for plain decoding); and the timings."""
+
+    token_ids: list[list[int]]
+    finish_reasons: list[str]
+    logprobs: list[list[float]] | None
+    status: list[int]
+    mean_ratio: list[float] | None
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    steps: int = 0
+
+    @classmethod
+    def empty(cls, B) -> Decoded:
+        return cls([[] for _ in range(B)], ["length"] * B, None, [0] * B, None)
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def sync_every(device) -> int:
+    """Decoding steps between host checks: every step on the CPU (where reading a flag
+    costs nothing), every 8 on a GPU (the host queues the next steps meanwhile)."""
+    return 1 if device.type == "cpu" else 8
+
+
+def decode(call: ModelCall, groups, rp: RowParams, *, cache, step, pad_id, eos_ids,
+           want_logprobs=False, backend="auto", stop=None, on_finished=None):
+    """The decoding loop: a generator that yields each step's [B] tokens (on the device,
+    padding for finished rows) and returns a ``Decoded``.
+
+    groups: G lists of B prompt id lists (G = 2: with and without the principle; G = K + 1:
+    K principles and the base; G = 1: plain decoding). rp: the validated per-row values
+    (``SamplingParams.rows``). cache: a strategy of ``linalign.caches``. step: a function
+    with ``linalign.step``'s signature. stop: an optional ``tokens [Ba] -> bool [Ba]`` that
+    ends rows besides the end-of-sequence ids. on_finished: called as
+    ``on_finished(row, ids, reason)`` for each row as soon as the loop sees it end (at its
+    host checks, ``sync_every``), and for the rest at the end.
+
+    The host reads the done flags and status bits every ``sync_every`` steps: it raises
+    ``BadLogitsError`` for rows with NaN or +inf logits, ends the loop when every row is
+    done, and (where the cache strategy can) drops the finished rows from the batch.
+    """
+    G, B, N = len(groups), len(groups[0]), rp.max_new_tokens
+    if N == 0:
+        out = Decoded.empty(B)
+        for i in range(B):
+            if on_finished is not None:
+                on_finished(i, [], "length")
+        return out
+    dev = call.device
+    every = sync_every(dev)
+    eos = set(eos_ids)
+    reported = set()
+
+    def report(state, which):
+        # which: call-order rows that have ended
+        for i in which:
+            if i not in reported:
+                reported.add(i)
+                row = state.host_row(i)
+                ids = row["out_tok"][:row["length"]]
+                on_finished(i, ids, _reason(ids, row["length"], N, eos))
+
+    with torch.inference_mode():
+        _sync(dev)
+        t0 = time.perf_counter()
+        with cache.session(call, G, B, groups, N, greedy=rp.greedy,
+                           want_logprobs=want_logprobs, kl=rp.kl is not None, pad_id=pad_id,
+                           eos_ids=eos_ids, step=step, backend=backend) as session:
+            state = session.state
+            state.load(rp)
+            chunks = session.prefill(groups)
+            _sync(dev)
+            t1 = time.perf_counter()
+            take_step(state, chunks, step, backend=backend, stop=stop)  # on the prompt
+            steps = 1
+            yield state.step_tokens(0)
+            for t in range(1, N):
+                if t % every == 0:
+                    if bool((state.status & Status.BAD_INPUT).any()):
+                        raise_on_bad_rows(state.status, state.rows)
+                    done = state.done
+                    if on_finished is not None and bool(done.any()):
+                        idx = done.nonzero().squeeze(1)
+                        report(state, (idx if state.rows is None
+                                       else state.rows[idx]).tolist())
+                    if bool(done.all()):
+                        break
+                    if session.can_drop_rows and bool(done.any()):
+                        keep = (~done).nonzero().squeeze(1)
+                        state.select(keep)
+                        session.select(keep)
+                session.advance(lambda: decode_step(session, state, step, backend, stop))
+                steps = t + 1
+                yield state.step_tokens(t)
+            _sync(dev)
+            t2 = time.perf_counter()
+            if bool((state.status & Status.BAD_INPUT).any()):
+                raise_on_bad_rows(state.status, state.rows)
+            rows = state.collect()
+    ids = [r["out_tok"][:r["length"]] for r in rows]
+    reasons = [_reason(i, r["length"], N, eos) for i, r in zip(ids, rows)]
+    lps = None if not want_logprobs else [r["out_lp"][:r["length"]] for r in rows]
+    mean = None if G == 1 else [r["ratio_sum"] / max(r["length"], 1) for r in rows]
+    result = Decoded(ids, reasons, lps, [r["status"] for r in rows], mean, t1 - t0,
+                     t2 - t1, steps)
+    if on_finished is not None:
+        for i in range(B):
+            if i not in reported:
+                on_finished(i, ids[i], reasons[i])
+    return result
+
+
+def _reason(ids, length, N, eos) -> str:
+    """Why a row ended: its end-of-sequence token, max_new_tokens, or a stop function."""
+    if ids and ids[-1] in eos:
+        return "eos"
+    return "length" if length >= N else "stop"
+
+
+def decode_step(session, state: DecodeState, step, backend, stop):
+    """One decoding step after the first: the forward of every active row's new token, then
+    the step. All in place: this is what a CUDA graph captures."""
+    chunks = session.forward(state.tok_in)
+    state.off.add_(1)
+    take_step(state, chunks, step, backend=backend, stop=stop)
+
+
+# ---------------------------------------------------------------------------- consumers
+def run_to_end(steps):
+    """Drive the loop to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def feed_streamer(steps, streamer, prompt_rows, pad_id):
+    """Drive the loop, feeding ``streamer`` as ``generate`` does: the first group's prompt
+    ids ([B, L], left-padded), then each step's [B] tokens, then ``end()``. A streamer that
+    raises ends the loop (closing it frees its caches)."""
+    width = max(len(r) for r in prompt_rows)
+    try:
+        streamer.put(torch.tensor([[pad_id] * (width - len(r)) + r for r in prompt_rows]))
+        while True:
+            try:
+                streamer.put(next(steps).cpu())
+            except StopIteration as stop:
+                return stop.value
+    finally:
+        steps.close()
+        streamer.end()
+
+
+class _Detok:
+    """Incremental detokenisation of one row: new text once it no longer ends inside a
+    multi-byte character; the final flush makes the pieces add up to the returned text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def add(self, tok) -> str:
+        self.ids.append(tok)
+        text = decode_text(self.tokenizer, self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        return piece
+
+    def flush(self, final: str) -> str:
+        if not final.startswith(self.shown):  # pragma: no cover - tokenizer rewrote the past
+            raise RuntimeError("streamed text is not a prefix of the final text")
+        piece, self.shown = final[len(self.shown):], final
+        return piece
+
+
+def stream_text(steps, tokenizer, B, eos_ids, *, single):
+    """An iterator over new text from the loop: strings for one prompt (``single``), else
+    ``(row, text)`` pairs. Each row's pieces add up to exactly its final text. Stopping
+    early (close, break, an error in the consumer) closes the loop at once."""
+    texts = [_Detok(tokenizer) for _ in range(B)]
+    done = [False] * B
+    eos = set(eos_ids)
+    try:
+        while True:
+            try:
+                tokens = next(steps).tolist()
+            except StopIteration as stop:
+                result = stop.value
+                break
+            for row, tok in enumerate(tokens):
+                if done[row]:
+                    continue
+                if tok in eos:
+                    done[row] = True
+                piece = texts[row].add(tok)
+                if piece:
+                    yield piece if single else (row, piece)
+    finally:  # stopped early: end the loop now, so its caches are free again at once
+        steps.close()
+    for row in range(B):
+        piece = texts[row].flush(decode_text(tokenizer, result.token_ids[row]))
+        if piece:
+            yield piece if single else (row, piece)
+
+
+@dataclass
+class GenerationResult:
+    """What ``LinearAligner.generate`` returns. Lists have one entry per prompt, in input
+    order.
+
+    token_ids: generated ids per row, the end-of-sequence token included when the row ended
+    on one. texts: those ids decoded without special tokens. logprobs: per generated token,
+    the log-probability of the chosen token under the step's masked aligned distribution
+    (``return_logprobs=True``; else None). finish_reasons: "eos" or "length".
+    prefill_seconds: the prompt forward pass(es). decode_seconds: everything after it.
+    decode_tokens_per_second: generated tokens of all rows / decode_seconds. steps: decoding
+    steps run. extra["status"]: per row, the OR of the step's ``Status`` bits over its tokens
+    (FALLBACK: some step fell back to plain top-p decoding); extra["ratio"]: per row, the
+    mean ratio the step used over its tokens (kl mode: the derived ratio).
+    """
+    texts: list[str]
+    token_ids: list[list[int]]
+    finish_reasons: list[str]
+    logprobs: list[list[float]] | None = None
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, decoded: Decoded, tokenizer) -> GenerationResult:
+        extra = {"status": decoded.status}
+        if decoded.mean_ratio is not None:
+            extra["ratio"] = decoded.mean_ratio
+        return cls([decode_text(tokenizer, r) for r in decoded.token_ids], decoded.token_ids,
+                   decoded.finish_reasons, decoded.logprobs, decoded.prefill_seconds,
+                   decoded.decode_seconds, decoded.steps, extra)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def text(self) -> str:
+        """The only text of a one-prompt call."""
+        if len(self.texts) != 1:
+            raise ValueError(f"text is for one prompt; this result has {len(self.texts)}")
+        return self.texts[0]
