@@ -112,7 +112,7 @@ def vectorized_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=
     run = torch.cumsum(pi.gather(-1, order), dim=-1)
     above = torch.cat([torch.zeros_like(run[:, :1]), run[:, :-1]], dim=-1)  # strictly above
     ones = torch.ones((B, 1), device=dev, dtype=torch.float32)
-    below = (above < p * ones) | (p * ones >= 1.0)  # top_p = 1 keeps everything (as the reference)
+    below = (above < p * ones) | (p * ones >= 1.0)  # top_p = 1 keeps all (as the reference)
     k = below.sum(-1, keepdim=True).clamp(min=1)
     tau = values.gather(-1, k - 1)
     cut = m - GAP * (T * ones)  # the gap rule in fp32
@@ -127,22 +127,7 @@ def vectorized_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=
     a = (zp + r_eff * d).clamp(-FMAX, FMAX)
     a = torch.where(allowed, a, ninf)
 
-    # The token: argmax, or the inverse-CDF draw.
-    greedy_token = torch.argmax(a, dim=-1)
-    amax = a.max(-1, keepdim=True).values
-    amax = torch.where(amax > ninf, amax, torch.zeros_like(amax))
-    logp = torch.log_softmax((a - amax) / T, dim=-1)
-    if greedy:
-        token = greedy_token
-    else:
-        w = torch.exp(logp)
-        cum = torch.cumsum(w, dim=-1)
-        pos = w > 0
-        over = (cum > u.to(device=dev, dtype=torch.float32).reshape(B, 1) * cum[:, -1:]) & pos
-        first = torch.argmax(over.to(torch.int8), dim=-1)
-        ids = torch.arange(V, device=dev).expand(B, V)
-        last = torch.where(pos, ids, 0).max(-1).values
-        token = torch.where(over.any(-1), first, last)
+    token, logp = _batched_pick(a, T, greedy, u)
     token = torch.where(any_p[:, 0], token, 0)
     logprob = torch.where(any_p[:, 0], logp.gather(-1, token[:, None])[:, 0], ninf)
     size = torch.where(any_p[:, 0], in_n.sum(-1).to(torch.int32), 0)
@@ -150,3 +135,23 @@ def vectorized_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=
         torch.where(bad, int(Status.BAD_INPUT), 0)
     status = torch.where(any_p[:, 0], status, int(Status.BAD_INPUT)).to(torch.int32)
     return token, logprob, size, status
+
+
+def _batched_pick(a, T, greedy, u):
+    """The token of every row of masked aligned scores ``a`` [B, V] (argmax, or the
+    inverse-CDF draw in vocabulary order) and the rows' log-softmax ``logp`` [B, V]."""
+    B, V = a.shape
+    ninf = float("-inf")
+    amax = a.max(-1, keepdim=True).values
+    amax = torch.where(amax > ninf, amax, torch.zeros_like(amax))
+    logp = torch.log_softmax((a - amax) / T, dim=-1)
+    if greedy:
+        return torch.argmax(a, dim=-1), logp
+    w = torch.exp(logp)
+    cum = torch.cumsum(w, dim=-1)
+    pos = w > 0
+    over = (cum > u.to(device=a.device, dtype=torch.float32).reshape(B, 1) * cum[:, -1:]) & pos
+    first = torch.argmax(over.to(torch.int8), dim=-1)
+    ids = torch.arange(V, device=a.device).expand(B, V)
+    last = torch.where(pos, ids, 0).max(-1).values
+    return torch.where(over.any(-1), first, last), logp

@@ -11,17 +11,18 @@ one decoding step as a CUDA graph. Design and choices: docs/decoder.md.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
 from .api import step as linalign_step
 from .caches import FAST_SESSIONS, DynamicCaches, StaticGraph
-from .decoding import (Decoded, GenerationResult, ModelCall, decode, feed_streamer,
-                       run_to_end, stream_text)
+from .decoding import Decoded, ModelCall, decode
 from .models import eos_token_ids
 from .options import SamplingParams
-from .prompts import ChatFormat, id_rows
+from .prompts import ChatFormat, decode_text, id_rows
+from .streaming import feed_streamer, run_to_end, stream_text
 
 MODES = ("stacked", "two-caches")
 
@@ -42,6 +43,55 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("can't allocate memory" in text or
                                             "DefaultCPUAllocator" in text or
                                             "out of memory" in text.lower())
+
+
+@dataclass
+class GenerationResult:
+    """What ``LinearAligner.generate`` returns. Lists have one entry per prompt, in input
+    order.
+
+    token_ids: generated ids per row, the end-of-sequence token included when the row ended
+    on one. texts: those ids decoded without special tokens. logprobs: per generated token,
+    the log-probability of the chosen token under the step's masked aligned distribution
+    (``return_logprobs=True``; else None). finish_reasons: "eos" or "length".
+    prefill_seconds: the prompt forward pass(es). decode_seconds: everything after it.
+    decode_tokens_per_second: generated tokens of all rows / decode_seconds. steps: decoding
+    steps run. extra["status"]: per row, the OR of the step's ``Status`` bits over its tokens
+    (FALLBACK: some step fell back to plain top-p decoding); extra["ratio"]: per row, the
+    mean ratio the step used over its tokens (kl mode: the derived ratio).
+    """
+    texts: list[str]
+    token_ids: list[list[int]]
+    finish_reasons: list[str]
+    logprobs: list[list[float]] | None = None
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, decoded: Decoded, tokenizer) -> GenerationResult:
+        extra = {"status": decoded.status}
+        if decoded.mean_ratio is not None:
+            extra["ratio"] = decoded.mean_ratio
+        return cls([decode_text(tokenizer, r) for r in decoded.token_ids], decoded.token_ids,
+                   decoded.finish_reasons, decoded.logprobs, decoded.prefill_seconds,
+                   decoded.decode_seconds, decoded.steps, extra)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def text(self) -> str:
+        """The only text of a one-prompt call."""
+        if len(self.texts) != 1:
+            raise ValueError(f"text is for one prompt; this result has {len(self.texts)}")
+        return self.texts[0]
 
 
 class LinearAligner:

@@ -11,8 +11,8 @@
   parameter (``linalign.step``, the authors' step, or a wrapper such as ``linalign.hf``'s).
 - ``decode``: **the** loop. It takes a cache strategy (``linalign.caches``: dynamic caches,
   or a static cache replayed as a CUDA graph) and a step function, yields every step's
-  tokens and returns a ``Decoded``. ``stream_text`` and ``feed_streamer`` are iterators
-  over it.
+  tokens and returns a ``Decoded``; ``linalign.streaming`` drives it (to the end, into a
+  streamer, or as an iterator over text).
 
 Every call shape: G branch groups (K principle groups and the base group; G = 1 for plain
 decoding) of B rows, stacked group-major as G B rows in one forward. Design and choices:
@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .constants import Status
 from .options import RowParams
-from .prompts import decode_text
 
 
 # ---------------------------------------------------------------------------- the model
@@ -354,6 +353,17 @@ class Decoded:
     def empty(cls, B) -> Decoded:
         return cls([[] for _ in range(B)], ["length"] * B, None, [0] * B, None)
 
+    @classmethod
+    def of_rows(cls, rows, N, eos_ids, G, want_logprobs, seconds, steps) -> Decoded:
+        """From ``DecodeState.collect``'s rows; ``seconds``: (prefill, decode)."""
+        eos = set(eos_ids)
+        ids = [r["out_tok"][:r["length"]] for r in rows]
+        return cls(ids, [finish_reason(i, r["length"], N, eos) for i, r in zip(ids, rows)],
+                   [r["out_lp"][:r["length"]] for r in rows] if want_logprobs else None,
+                   [r["status"] for r in rows],
+                   None if G == 1 else [r["ratio_sum"] / max(r["length"], 1) for r in rows],
+                   *seconds, steps)
+
 
 def _sync(dev):
     if dev.type == "cuda":
@@ -379,31 +389,17 @@ def decode(call: ModelCall, groups, rp: RowParams, *, cache, step, pad_id, eos_i
     ``on_finished(row, ids, reason)`` for each row as soon as the loop sees it end (at its
     host checks, ``sync_every``), and for the rest at the end.
 
-    The host reads the done flags and status bits every ``sync_every`` steps: it raises
-    ``BadLogitsError`` for rows with NaN or +inf logits, ends the loop when every row is
-    done, and (where the cache strategy can) drops the finished rows from the batch.
+    The host reads the done flags and status bits every ``sync_every`` steps
+    (``host_check``): it raises ``BadLogitsError`` for rows with NaN or +inf logits, ends
+    the loop when every row is done, and (where the cache strategy can) drops the finished
+    rows from the batch.
     """
     G, B, N = len(groups), len(groups[0]), rp.max_new_tokens
+    finished = Finished(on_finished, N, eos_ids)
     if N == 0:
-        out = Decoded.empty(B)
-        for i in range(B):
-            if on_finished is not None:
-                on_finished(i, [], "length")
-        return out
+        return finished.rest(Decoded.empty(B))
     dev = call.device
     every = sync_every(dev)
-    eos = set(eos_ids)
-    reported = set()
-
-    def report(state, which):
-        # which: call-order rows that have ended
-        for i in which:
-            if i not in reported:
-                reported.add(i)
-                row = state.host_row(i)
-                ids = row["out_tok"][:row["length"]]
-                on_finished(i, ids, _reason(ids, row["length"], N, eos))
-
     with torch.inference_mode():
         _sync(dev)
         t0 = time.perf_counter()
@@ -419,20 +415,8 @@ def decode(call: ModelCall, groups, rp: RowParams, *, cache, step, pad_id, eos_i
             steps = 1
             yield state.step_tokens(0)
             for t in range(1, N):
-                if t % every == 0:
-                    if bool((state.status & Status.BAD_INPUT).any()):
-                        raise_on_bad_rows(state.status, state.rows)
-                    done = state.done
-                    if on_finished is not None and bool(done.any()):
-                        idx = done.nonzero().squeeze(1)
-                        report(state, (idx if state.rows is None
-                                       else state.rows[idx]).tolist())
-                    if bool(done.all()):
-                        break
-                    if session.can_drop_rows and bool(done.any()):
-                        keep = (~done).nonzero().squeeze(1)
-                        state.select(keep)
-                        session.select(keep)
+                if t % every == 0 and host_check(state, session, finished):
+                    break
                 session.advance(lambda: decode_step(session, state, step, backend, stop))
                 steps = t + 1
                 yield state.step_tokens(t)
@@ -441,20 +425,58 @@ def decode(call: ModelCall, groups, rp: RowParams, *, cache, step, pad_id, eos_i
             if bool((state.status & Status.BAD_INPUT).any()):
                 raise_on_bad_rows(state.status, state.rows)
             rows = state.collect()
-    ids = [r["out_tok"][:r["length"]] for r in rows]
-    reasons = [_reason(i, r["length"], N, eos) for i, r in zip(ids, rows)]
-    lps = None if not want_logprobs else [r["out_lp"][:r["length"]] for r in rows]
-    mean = None if G == 1 else [r["ratio_sum"] / max(r["length"], 1) for r in rows]
-    result = Decoded(ids, reasons, lps, [r["status"] for r in rows], mean, t1 - t0,
-                     t2 - t1, steps)
-    if on_finished is not None:
-        for i in range(B):
-            if i not in reported:
-                on_finished(i, ids[i], reasons[i])
-    return result
+    return finished.rest(Decoded.of_rows(rows, N, eos_ids, G, want_logprobs,
+                                         (t1 - t0, t2 - t1), steps))
 
 
-def _reason(ids, length, N, eos) -> str:
+def host_check(state: DecodeState, session, finished: Finished) -> bool:
+    """What the host does every ``sync_every`` steps: raise ``BadLogitsError`` for rows with
+    NaN or +inf logits, report the rows that have ended, drop them from the batch where the
+    cache strategy can. True when every row is done."""
+    if bool((state.status & Status.BAD_INPUT).any()):
+        raise_on_bad_rows(state.status, state.rows)
+    done = state.done
+    if not bool(done.any()):
+        return False
+    idx = done.nonzero().squeeze(1)
+    finished.ended(state, (idx if state.rows is None else state.rows[idx]).tolist())
+    if bool(done.all()):
+        return True
+    if session.can_drop_rows:
+        keep = (~done).nonzero().squeeze(1)
+        state.select(keep)
+        session.select(keep)
+    return False
+
+
+class Finished:
+    """Calls ``on_finished(row, ids, reason)`` once per row: for the rows a host check sees
+    ended (``ended``), and at the end for the others (``rest``). Does nothing without a
+    callback."""
+
+    def __init__(self, on_finished, N, eos_ids):
+        self.on_finished, self.N, self.eos = on_finished, N, set(eos_ids)
+        self.reported = set()
+
+    def ended(self, state: DecodeState, rows):
+        if self.on_finished is None:
+            return
+        for i in rows:
+            if i not in self.reported:
+                self.reported.add(i)
+                row = state.host_row(i)
+                ids = row["out_tok"][:row["length"]]
+                self.on_finished(i, ids, finish_reason(ids, row["length"], self.N, self.eos))
+
+    def rest(self, decoded: Decoded) -> Decoded:
+        if self.on_finished is not None:
+            for i, (ids, reason) in enumerate(zip(decoded.token_ids, decoded.finish_reasons)):
+                if i not in self.reported:
+                    self.on_finished(i, ids, reason)
+        return decoded
+
+
+def finish_reason(ids, length, N, eos) -> str:
     """Why a row ended: its end-of-sequence token, max_new_tokens, or a stop function."""
     if ids and ids[-1] in eos:
         return "eos"
@@ -467,131 +489,3 @@ def decode_step(session, state: DecodeState, step, backend, stop):
     chunks = session.forward(state.tok_in)
     state.off.add_(1)
     take_step(state, chunks, step, backend=backend, stop=stop)
-
-
-# ---------------------------------------------------------------------------- consumers
-def run_to_end(steps):
-    """Drive the loop to its end; its return value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as stop:
-            return stop.value
-
-
-def feed_streamer(steps, streamer, prompt_rows, pad_id):
-    """Drive the loop, feeding ``streamer`` as ``generate`` does: the first group's prompt
-    ids ([B, L], left-padded), then each step's [B] tokens, then ``end()``. A streamer that
-    raises ends the loop (closing it frees its caches)."""
-    width = max(len(r) for r in prompt_rows)
-    try:
-        streamer.put(torch.tensor([[pad_id] * (width - len(r)) + r for r in prompt_rows]))
-        while True:
-            try:
-                streamer.put(next(steps).cpu())
-            except StopIteration as stop:
-                return stop.value
-    finally:
-        steps.close()
-        streamer.end()
-
-
-class _Detok:
-    """Incremental detokenisation of one row: new text once it no longer ends inside a
-    multi-byte character; the final flush makes the pieces add up to the returned text."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
-
-    def add(self, tok) -> str:
-        self.ids.append(tok)
-        text = decode_text(self.tokenizer, self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.shown):
-            return ""
-        piece, self.shown = text[len(self.shown):], text
-        return piece
-
-    def flush(self, final: str) -> str:
-        if not final.startswith(self.shown):  # pragma: no cover - tokenizer rewrote the past
-            raise RuntimeError("streamed text is not a prefix of the final text")
-        piece, self.shown = final[len(self.shown):], final
-        return piece
-
-
-def stream_text(steps, tokenizer, B, eos_ids, *, single):
-    """An iterator over new text from the loop: strings for one prompt (``single``), else
-    ``(row, text)`` pairs. Each row's pieces add up to exactly its final text. Stopping
-    early (close, break, an error in the consumer) closes the loop at once."""
-    texts = [_Detok(tokenizer) for _ in range(B)]
-    done = [False] * B
-    eos = set(eos_ids)
-    try:
-        while True:
-            try:
-                tokens = next(steps).tolist()
-            except StopIteration as stop:
-                result = stop.value
-                break
-            for row, tok in enumerate(tokens):
-                if done[row]:
-                    continue
-                if tok in eos:
-                    done[row] = True
-                piece = texts[row].add(tok)
-                if piece:
-                    yield piece if single else (row, piece)
-    finally:  # stopped early: end the loop now, so its caches are free again at once
-        steps.close()
-    for row in range(B):
-        piece = texts[row].flush(decode_text(tokenizer, result.token_ids[row]))
-        if piece:
-            yield piece if single else (row, piece)
-
-
-@dataclass
-class GenerationResult:
-    """What ``LinearAligner.generate`` returns. Lists have one entry per prompt, in input
-    order.
-
-    token_ids: generated ids per row, the end-of-sequence token included when the row ended
-    on one. texts: those ids decoded without special tokens. logprobs: per generated token,
-    the log-probability of the chosen token under the step's masked aligned distribution
-    (``return_logprobs=True``; else None). finish_reasons: "eos" or "length".
-    prefill_seconds: the prompt forward pass(es). decode_seconds: everything after it.
-    decode_tokens_per_second: generated tokens of all rows / decode_seconds. steps: decoding
-    steps run. extra["status"]: per row, the OR of the step's ``Status`` bits over its tokens
-    (FALLBACK: some step fell back to plain top-p decoding); extra["ratio"]: per row, the
-    mean ratio the step used over its tokens (kl mode: the derived ratio).
-    """
-    texts: list[str]
-    token_ids: list[list[int]]
-    finish_reasons: list[str]
-    logprobs: list[list[float]] | None = None
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    steps: int = 0
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, decoded: Decoded, tokenizer) -> GenerationResult:
-        extra = {"status": decoded.status}
-        if decoded.mean_ratio is not None:
-            extra["ratio"] = decoded.mean_ratio
-        return cls([decode_text(tokenizer, r) for r in decoded.token_ids], decoded.token_ids,
-                   decoded.finish_reasons, decoded.logprobs, decoded.prefill_seconds,
-                   decoded.decode_seconds, decoded.steps, extra)
-
-    @property
-    def new_tokens(self) -> int:
-        return sum(len(t) for t in self.token_ids)
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
-
-    @property
-    def text(self) -> str:
-        """The only text of a one-prompt call."""
-        if len(self.texts) != 1:
-            raise ValueError(f"text is for one prompt; this result has {len(self.texts)}")
-        return self.texts[0]

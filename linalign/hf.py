@@ -338,6 +338,42 @@ def _values(x, W, k):
     return [v for v in x for _ in range(k)]
 
 
+def _check_generate_call(gc, top_k, ids_without, kwargs):
+    """The misuses of ``generate`` that are refused before any compute."""
+    if (gc.num_beams or 1) > 1:
+        raise ValueError(f"num_beams={gc.num_beams}: beam search is not supported by Linear "
+                         "Alignment decoding; use num_beams=1 (greedy or sampling)")
+    if top_k not in (None, 0):
+        raise ValueError(f"top_k={top_k}: Linear Alignment's nucleus is top_p of the principle "
+                         "branch; pass top_p (and leave top_k unset or 0)")
+    if ids_without is None:
+        raise ValueError("ids_without is missing: pass the prompt ids of the branch without "
+                         "the principle (ids_without=, attention_mask_without=), e.g. from "
+                         "linalign.hf.prepare(tokenizer, prompts, principle)")
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _HF_MODEL_KWARGS)
+    if unknown:
+        raise TypeError(f"linalign.hf.generate does not take {unknown}; it takes the prompt ids "
+                        f"and attention masks of both branches, and generation settings")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        raise ValueError("a filled KV cache was passed: linalign.hf.generate prefills both "
+                         "branches itself and cannot continue from a cache")
+
+
+def _step_processors(logits_processor) -> list:
+    """generate's logits processors that act on the principle branch before the step (the
+    sampling warpers are left out, with a warning unless generate added them itself)."""
+    processors = [p for p in (logits_processor or []) if not _is_warper(p)]
+    ignored = [type(p).__name__ for p in (logits_processor or [])
+               if _is_warper(p) and not _is_default_top_k(p)]
+    if ignored:
+        warnings.warn(f"linalign.hf.generate ignores the sampling warpers {ignored} (from the "
+                      "generation config): Linear Alignment samples from its own aligned "
+                      "distribution, set by temperature= and top_p= of this call",
+                      UserWarning, stacklevel=3)
+    return processors
+
+
 def generate(model, input_ids=None, logits_processor=None, stopping_criteria=None,
              generation_config=None, *, ids_without=None, attention_mask_without=None,
              ratio=None, temperature=None, top_p=None, top_k=None, kl_budget=None,
@@ -385,32 +421,8 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
             ratio=ratio, temperature=temperature, top_p=top_p, top_k=top_k,
             kl_budget=kl_budget, max_ratio=max_ratio, seed=seed, backend=backend, **kwargs)
     gc = generation_config
-    if (gc.num_beams or 1) > 1:
-        raise ValueError(f"num_beams={gc.num_beams}: beam search is not supported by Linear "
-                         "Alignment decoding; use num_beams=1 (greedy or sampling)")
-    if top_k not in (None, 0):
-        raise ValueError(f"top_k={top_k}: Linear Alignment's nucleus is top_p of the principle "
-                         "branch; pass top_p (and leave top_k unset or 0)")
-    if ids_without is None:
-        raise ValueError("ids_without is missing: pass the prompt ids of the branch without "
-                         "the principle (ids_without=, attention_mask_without=), e.g. from "
-                         "linalign.hf.prepare(tokenizer, prompts, principle)")
-    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _HF_MODEL_KWARGS)
-    if unknown:
-        raise TypeError(f"linalign.hf.generate does not take {unknown}; it takes the prompt ids "
-                        f"and attention masks of both branches, and generation settings")
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-        raise ValueError("a filled KV cache was passed: linalign.hf.generate prefills both "
-                         "branches itself and cannot continue from a cache")
-    processors = [p for p in (logits_processor or []) if not _is_warper(p)]
-    ignored = [type(p).__name__ for p in (logits_processor or [])
-               if _is_warper(p) and not _is_default_top_k(p)]
-    if ignored:
-        warnings.warn(f"linalign.hf.generate ignores the sampling warpers {ignored} (from the "
-                      "generation config): Linear Alignment samples from its own aligned "
-                      "distribution, set by temperature= and top_p= of this call",
-                      UserWarning, stacklevel=2)
+    _check_generate_call(gc, top_k, ids_without, kwargs)
+    processors = _step_processors(logits_processor)
     call = ModelCall.of(model)
     B, L = input_ids.shape
     with_rows = _unpadded("input_ids", input_ids, kwargs.get("attention_mask"),
@@ -432,7 +444,23 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
     hook = _GenerateStep(seq, processors, stopping_criteria,
                          gc.return_dict_in_generate and gc.output_scores,
                          gc.return_dict_in_generate and gc.output_logits)
-    steps = decode(call, [with_rows, without], rp, step=hook, pad_id=pad, eos_ids=eos,
+    decoded = _decode(call, [with_rows, without], rp, hook, pad, eos, backend, streamer,
+                      input_ids)
+    n = max(map(len, decoded.token_ids), default=0)
+    new = torch.tensor([r + [pad] * (n - len(r)) for r in decoded.token_ids],
+                       dtype=seq.dtype, device=dev).reshape(B, n)
+    seq = torch.cat([seq, new], dim=-1)
+    if not gc.return_dict_in_generate:
+        return seq
+    return GenerateDecoderOnlyOutput(
+        sequences=seq, scores=tuple(hook.scores[:n]) if gc.output_scores else None,
+        logits=tuple(hook.logits[:n]) if gc.output_logits else None)
+
+
+def _decode(call, groups, rp, hook, pad, eos, backend, streamer, input_ids):
+    """The decoding loop as ``generate`` runs it (finished rows stay in the batch, as in
+    transformers' own loop), feeding ``streamer`` the prompt and every step's tokens."""
+    steps = decode(call, groups, rp, step=hook, pad_id=pad, eos_ids=eos,
                    cache=DynamicCaches(stacked=True, drop_finished=False), backend=backend,
                    stop=hook.stop)
     if streamer is not None:
@@ -443,17 +471,8 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
             if streamer is not None:
                 streamer.put(tokens.cpu())
     except StopIteration as end:
-        decoded = end.value
+        return end.value
     finally:
         steps.close()
         if streamer is not None:
             streamer.end()
-    n = max(map(len, decoded.token_ids), default=0)
-    new = torch.tensor([r + [pad] * (n - len(r)) for r in decoded.token_ids],
-                       dtype=seq.dtype, device=dev).reshape(B, n)
-    seq = torch.cat([seq, new], dim=-1)
-    if not gc.return_dict_in_generate:
-        return seq
-    return GenerateDecoderOnlyOutput(
-        sequences=seq, scores=tuple(hook.scores[:n]) if gc.output_scores else None,
-        logits=tuple(hook.logits[:n]) if gc.output_logits else None)

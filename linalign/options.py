@@ -159,12 +159,12 @@ class SamplingParams:
                              "docs/semantics.md), not both")
         kl = None
         ratios = None
+        caps = _checked("max_ratio", per_row("max_ratio", self.max_ratio, B))
         if self.kl_budget is not None:
             if K > 1:
                 raise ValueError(f"kl_budget is for one principle per prompt; got {K} "
                                  "principles per prompt: pass ratio= instead")
-            kl = (_checked("kl_budget", per_row("kl_budget", self.kl_budget, B)),
-                  _checked("max_ratio", per_row("max_ratio", self.max_ratio, B)))
+            kl = (_checked("kl_budget", per_row("kl_budget", self.kl_budget, B)), caps)
         else:
             ratios = _ratios(DEFAULT_RATIO if self.ratio is None else self.ratio, B, K)
         if not isinstance(self.greedy, bool):

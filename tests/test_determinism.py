@@ -33,11 +33,19 @@ print(json.dumps(out))
 """
 
 
+#: A folder holding a numpy < 2.4 for the interpreter's subprocess, put first on its path
+#: (benchmarks/gpu_suite.sh installs one there on the GPU machine, whose numpy is newer).
+INTERPRETER_PATH = os.environ.get("LINALIGN_INTERPRETER_PATH")
+
+
 def run(device, backends, interpret):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
+        if INTERPRETER_PATH:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [INTERPRETER_PATH,
+                                                              env.get("PYTHONPATH")]))
     res = subprocess.run([sys.executable, "-c", SCRIPT, device, backends], capture_output=True,
                          text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -54,20 +62,30 @@ def test_same_tokens_in_fresh_processes():
         assert a["torch-" + kind] == a["reference-" + kind] == a["triton-" + kind], kind
 
 
-def _interpreter_works():
-    # Triton 3.6's interpreter fails on loops with runtime bounds under numpy >= 2.4
-    # ("only 0-dimensional arrays can be converted"; PLATFORM.md). The GPU machine has
-    # triton 3.6 with numpy 2.4, so there the interpreter half of this test cannot run.
-    import numpy
-    import triton
-
-    old_numpy = tuple(int(x) for x in numpy.__version__.split(".")[:2]) < (2, 4)
-    return old_numpy or tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 7)
+def interpreter_numpy_problem():
+    """Why the interpreter's subprocess cannot run here, or None. Triton 3.6's interpreter
+    fails on loops with runtime bounds under numpy >= 2.4 ("only 0-dimensional arrays can be
+    converted"); the GPU machine has numpy 2.4 or newer, so the GPU suite pins an older one
+    for the subprocess (``LINALIGN_INTERPRETER_PATH``)."""
+    env = dict(os.environ)
+    if INTERPRETER_PATH:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [INTERPRETER_PATH,
+                                                          env.get("PYTHONPATH")]))
+    code = "import numpy, triton; print(numpy.__version__, triton.__version__)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env)
+    if res.returncode != 0:
+        return res.stderr[-500:]
+    numpy_v, triton_v = (tuple(int(x) for x in v.split(".")[:2]) for v in res.stdout.split())
+    if numpy_v >= (2, 4) and triton_v < (3, 7):
+        return (f"numpy {res.stdout.split()[0]} with triton {res.stdout.split()[1]}: the "
+                "interpreter needs numpy < 2.4; benchmarks/gpu_suite.sh installs one into "
+                "LINALIGN_INTERPRETER_PATH (from the wheel that benchmarks/gpu_wheels.sh "
+                "downloads)")
+    return None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (compiled kernel)")
-@pytest.mark.skipif(torch.cuda.is_available() and not _interpreter_works(),
-                    reason="Triton 3.6's interpreter needs numpy < 2.4 (PLATFORM.md)")
 def test_compiled_kernel_matches_the_interpreter():
     """The compiled kernel (CUDA) and the interpreter (CPU) draw from the same Philox stream
     and compute in fp32, so they give the same tokens. Greedy tokens must match exactly.
@@ -75,6 +93,8 @@ def test_compiled_kernel_matches_the_interpreter():
     (approximate hardware instructions) and numpy's: a draw u * S that falls within
     rounding of a step of the CDF. That is about 1e-6 of the draws, so among 32 none is
     expected; the test allows one and prints it."""
+    problem = interpreter_numpy_problem()
+    assert problem is None, problem
     gpu = run("cuda", "triton", interpret=False)
     cpu = run("cpu", "triton", interpret=True)
     assert gpu["triton-greedy"] == cpu["triton-greedy"]
