@@ -1,5 +1,6 @@
-"""Several principles at once (docs/semantics.md, "Several principles"): one elementwise Triton pass that turns K
-principle branches and the base into the two branches of the one-principle step.
+"""Several principles at once (docs/semantics.md, "Several principles"): one elementwise Triton
+pass that turns K principle branches and the base into the two branches of the one-principle
+step.
 
 For every token: ``d_k = z_k - z_0``, ``z_c = z_1 + sum_{k >= 2} d_k`` (the composed
 principle branch, whose nucleus the step takes) and ``a = z_0 + sum_k (1 + r_k) d_k`` (the

@@ -582,8 +582,8 @@ def la_compact_kernel(zp_ptr, stride_p, t_ptr, t_val, ws_f, ws_i, cidx_ptr, cval
         ss = tl.arange(0, SP)
         jj = tl.arange(0, L)
         wi = ws_i + row.to(tl.int64) * WI
-        per = tl.load(wi + S + ss[:, None] * L + jj[None, :], mask=(ss[:, None] < s) & (jj == j)[None, :],
-                      other=0)
+        per = tl.load(wi + S + ss[:, None] * L + jj[None, :],
+                      mask=(ss[:, None] < s) & (jj == j)[None, :], other=0)
         base = tl.sum(tl.sum(per, axis=1), axis=0)
         lo = tl.maximum(_key(c) - 1, KEY_NEGINF)
         _compact(zp_ptr + row.to(tl.int64) * stride_p, lo_i, hi_i, lo, NONE_HI, NONE_HI, base,
@@ -797,7 +797,8 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
     of each row is computed in pass 1 and ``ratio`` is ignored (may be None).
     Randomness (sampling only): ``u`` ([B] uniforms in [0, 1)), or ``seed`` (an int: the
     counter is (row, offset); the same for a 0-d int64 tensor, read on the device; or a [B]
-    int64 tensor of per-row seeds: the counter is (0, offset)). ``offset``: an int or a [B] int64 tensor (e.g. the decoding position).
+    int64 tensor of per-row seeds: the counter is (0, offset)).
+    ``offset``: an int or a [B] int64 tensor (e.g. the decoding position).
     ``split``: chunks per row (1: the fused one-launch kernel; None: ``plan_split``).
     ``block``: force the per-row kernel's block size (tests; default: autotuned).
     ``split_block``: block (and chunk granularity) of the split launches; ``pivots``, ``cmax``:

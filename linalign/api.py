@@ -18,10 +18,10 @@ ratio
     With several principles (``logits_p`` [K, B, V]): one number for all, or a list of K
     (numbers or [B] tensors), or a [K, B] tensor.
 kl_budget, max_ratio
-    kl mode (docs/semantics.md, "kl mode"), instead of ``ratio``: a per-token budget
-    eps >= 0 in nats (a number or a [B] tensor). Per row, ``v`` = the variance of ``g = (z_p - z_0) / T``
-    under ``softmax(z_0 / T)`` and ``kappa = sqrt(2 eps / v)`` clipped to
-    ``[0, 1 + max_ratio]``; the step runs with ``r = kappa - 1`` (``v = 0``: r = 0). To
+    kl mode (docs/semantics.md, "kl mode"), instead of ``ratio``: a per-token budget eps >= 0
+    in nats (a number or a [B] tensor). Per row, ``v`` = the variance of
+    ``g = (z_p - z_0) / T`` under ``softmax(z_0 / T)`` and ``kappa = sqrt(2 eps / v)`` clipped
+    to ``[0, 1 + max_ratio]``; the step runs with ``r = kappa - 1`` (``v = 0``: r = 0). To
     second order the aligned distribution is eps nats from the base one. ``max_ratio``
     (>= 0, default 10) caps r where the branches nearly agree. One principle only.
 temperature

@@ -157,8 +157,8 @@ def _pad_id(model) -> int:
 
 def prepare(tokenizer, prompts, principle, system=None, *, device=None) -> dict:
     """Both branches' prompt ids for ``generate``, built exactly as ``LinearAligner.branches``
-    builds them (``linalign.prompts.ChatFormat``) (the principle after ``system`` in the system message; without a chat
-    template ``principle + "\\n\\n" + prompt``).
+    builds them (``linalign.prompts.ChatFormat``) (the principle after ``system`` in the system
+    message; without a chat template ``principle + "\\n\\n" + prompt``).
 
     prompts: a string or a list; principle: one string or one per prompt. Returns a dict of
     [B, L] int64 tensors, left padded with the tokenizer's pad (else end-of-sequence) id:

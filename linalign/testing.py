@@ -5,9 +5,9 @@ Model of a row: the vocabulary in a random order, logit of the token of rank k
 ``T * (-s * log(k) + 0.3 * N(0, 1))`` (Zipf's law, as language-model rows roughly follow),
 with a steepness ``s`` drawn per row and ``T`` the temperature the rows are meant for. At
 that temperature, with V = 49152, a steepness of 1.2 gives a 0.8 nucleus of 250 to 450
-tokens, 1.5 about a dozen, 2.0 three to five; 1.0 is a flat row (thousands). The without-branch is the same row
-moved by ``0.5 * N(0, 1)`` per token plus a principle-like shift of +-2 on 20 tokens among
-the 200 most likely.
+tokens, 1.5 about a dozen, 2.0 three to five; 1.0 is a flat row (thousands). The
+without-branch is the same row moved by ``0.5 * N(0, 1)`` per token plus a principle-like
+shift of +-2 on 20 tokens among the 200 most likely.
 """
 import torch
 

@@ -227,7 +227,8 @@ def torch_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, generat
 
 
 def kl_ratio(logits_p, logits_0, temperature, kl_budget, max_ratio):
-    """kl mode (docs/semantics.md, "kl mode"), vectorised: the [B] fp32 ``r_eff = kappa - 1`` of every row.
+    """kl mode (docs/semantics.md, "kl mode"), vectorised: the [B] fp32 ``r_eff = kappa - 1`` of
+    every row.
 
     ``v`` = variance of ``g = (z_p - z_0) / T`` under ``softmax(z_0 / T)`` over the tokens
     finite in both branches (NaN and +inf count as banned), computed in two passes (the

@@ -90,7 +90,7 @@ def branch_logits(model, ids):
 def naive_decode(model, ids_with, ids_without, n, *, temperature, top_p, eos=(), **how):
     """Greedy Linear Alignment for one prompt the slow, obvious way: both branches recomputed
     from scratch every step, the reference step. ``how``: ``ratio=`` or ``kl_budget=`` (and
-    ``max_ratio=``). ``ids_with`` may be K id lists (several principles, SPEC 4; then
+    ``max_ratio=``). ``ids_with`` may be K id lists (several principles; then
     ``ratio`` is K numbers). Returns (tokens, logprobs)."""
     from linalign import reference
 

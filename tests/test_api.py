@@ -1,4 +1,4 @@
-"""Argument validation (SPEC section 2): every bad argument raises with a message that names
+"""Argument validation (docs/errors.md): every bad argument raises with a message that names
 the bad value and what was expected; importing linalign touches no GPU."""
 import subprocess
 import sys

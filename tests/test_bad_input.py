@@ -1,4 +1,4 @@
-"""The decoder and the command under bad input (issue 5): prompts longer than the context,
+"""The decoder and the command under bad input: prompts longer than the context,
 empty prompts and principles, max_new_tokens 0 or bad, tokenizers without a chat template or
 a pad token, running out of memory, interrupted streams, mixed principles, and the
 command's one-line errors. Every error is raised before any model compute where it can be;

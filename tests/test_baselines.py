@@ -37,10 +37,10 @@ def test_reference_matches_authors(ratio, temperature, top_p):
 
 
 def test_authors_zero_mask_agrees_with_the_gap_rule_away_from_the_edge():
-    # The authors keep a token when its fp32 principle probability is non-zero; the SPEC
+    # The authors keep a token when its fp32 principle probability is non-zero; the contract
     # keeps tokens within 80 T of the best. They agree on rows whose logits stay clear of the
     # 80..104 T band where fp32 probabilities underflow. (At top_p = 1 their top-p itself
-    # also drops tail tokens once the fp32 running sum reaches 1.0; the SPEC keeps them.)
+    # also drops tail tokens once the fp32 running sum reaches 1.0; the contract keeps them.)
     g = torch.Generator().manual_seed(0)
     T = 0.5
     zp = torch.randn(4, 1000, generator=g) * 5  # a spread of about 60 T

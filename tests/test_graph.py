@@ -114,7 +114,7 @@ def test_no_host_sync_and_cuda_graph_capture(B):
 
 
 def variant_step(zp, z0, zq, seeds, offset, eps):
-    """kl mode and two principles in one compiled function (SPEC 3 and 4)."""
+    """kl mode and two principles in one compiled function."""
     kl = linalign.step(zp, z0, kl_budget=eps, temperature=0.5, top_p=0.8, seed=seeds,
                        offset=offset, backend="triton", check=False)
     two = linalign.step(torch.stack([zp, zq]), z0, ratio=[3.0, 1.0], temperature=0.5,

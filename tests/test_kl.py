@@ -1,4 +1,5 @@
-"""kl mode (SPEC section 3): the closed-form step, r_eff = sqrt(2 eps / v) - 1 per row.
+"""kl mode (docs/semantics.md, "kl mode"): the closed-form step, r_eff = sqrt(2 eps / v) - 1 per
+row.
 
 Every backend against the reference on fresh random rows; the budget is spent (the measured
 KL of the unmasked aligned distribution from the base is within 10 % of a small budget);
@@ -23,8 +24,9 @@ def _rows(device, B=6, V=1500, seed=0):
 
 
 def _kl_of(zp, z0, T, r_eff):
-    """KL(softmax(u + kappa g) || softmax(u)) in fp64, u = z_0 / T, g = (z_p - z_0) / T,
-    over the tokens finite in both branches (SPEC 3's unmasked aligned distribution)."""
+    """KL(softmax(u + kappa g) || softmax(u)) in fp64, u = z_0 / T, g = (z_p - z_0) / T, over
+    the tokens finite in both branches (the unmasked aligned distribution of docs/semantics.md,
+    "kl mode")."""
     both = torch.isfinite(zp) & torch.isfinite(z0)
     u, g = z0[both].double() / T, (zp[both].double() - z0[both].double()) / T
     q = torch.log_softmax(u + (r_eff + 1) * g, 0)
@@ -84,7 +86,7 @@ def test_zero_difference_is_plain_decoding(device, backend):
 
 
 def test_reference_definition_by_hand():
-    """One row, computed from the SPEC's formulas in fp64."""
+    """One row, computed from the contract's formulas in fp64."""
     zp = torch.tensor([2.0, 1.0, 0.0, -1.0])
     z0 = torch.tensor([1.0, 1.5, 0.0, -2.0])
     T, eps = 0.5, 0.1

@@ -1,9 +1,9 @@
-"""Several principles at once (SPEC section 4): K principle branches and one base,
-``aligned = z_0 + sum_k (1 + r_k) (z_k - z_0)`` on the nucleus of
+"""Several principles at once (docs/semantics.md, "Several principles"): K principle branches
+and one base, ``aligned = z_0 + sum_k (1 + r_k) (z_k - z_0)`` on the nucleus of
 ``softmax((z_0 + sum_k (z_k - z_0)) / T)``.
 
-The reference computes it directly, row by row; the torch path and the Triton kernel go
-through ``linalign.torch_backend.compose`` (two branches for the one-principle step). K = 1 is exactly
+The reference computes it directly, row by row; the torch path and the Triton kernel go through
+``linalign.torch_backend.compose`` (two branches for the one-principle step). K = 1 is exactly
 the one-principle step. The decoder runs the K + 1 branches in one forward."""
 import pytest
 import torch
@@ -45,9 +45,9 @@ def test_matches_the_reference(device, K, backend):
 
 
 def test_compose_kernel_equals_the_torch_compose(device):
-    """kernels.la_compose (one Triton pass) and linalign.torch_backend.compose (torch ops) agree, bans and
-    bad rows included: bit for bit through the interpreter; on a GPU to fp32 rounding (the
-    compiler may fuse a multiply and an add into one FMA)."""
+    """kernels.la_compose (one Triton pass) and linalign.torch_backend.compose (torch ops)
+    agree, bans and bad rows included: bit for bit through the interpreter; on a GPU to fp32
+    rounding (the compiler may fuse a multiply and an add into one FMA)."""
     from linalign import kernels
     from linalign.torch_backend import compose
 
@@ -91,7 +91,7 @@ def test_one_principle_is_the_single_step(device, backend):
 
 
 def test_composition_by_hand():
-    """One row by the SPEC's formulas: scores and nucleus."""
+    """One row by the contract's formulas: scores and nucleus."""
     z1 = torch.tensor([2.0, 1.0, 0.0, -1.0])
     z2 = torch.tensor([1.0, 2.5, 0.0, -1.0])
     z0 = torch.tensor([1.0, 1.0, 0.5, -1.0])

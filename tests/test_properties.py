@@ -8,7 +8,8 @@ and +inf, rows that differ from the other branch only in the last bits. Invarian
 every row and backend:
 
 - the token is an int64 id in [0, V); no output is NaN; the status is a valid bit set;
-- BAD_INPUT is set exactly when SPEC section 2 says (NaN or +inf in either branch, or no
+- BAD_INPUT is set exactly when docs/semantics.md, "Bad input", says (NaN or +inf in either
+branch, or no
   finite principle logit), and ``check=True`` then raises;
 - for a good row the token is finite in the principle branch, finite in the
   without-branch unless the row fell back, at or above the gap rule's cut, and in the

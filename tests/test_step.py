@@ -1,4 +1,4 @@
-"""Every backend of linalign.step against the reference (SPEC sections 1 and 2).
+"""Every backend of linalign.step against the reference (docs/semantics.md).
 
 On a machine without a GPU the "triton" backend runs through Triton's interpreter (about
 0.1 s per row), so its shapes stay small, with one realistic vocabulary (2 x 49152).
