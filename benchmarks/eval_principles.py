@@ -1,9 +1,9 @@
-"""Principle adherence of Linear Alignment on the embedded SmolLM2-135M-Instruct (issue 7).
+"""Principle adherence of Linear Alignment on the embedded SmolLM2-135M-Instruct.
 
-The same evaluation as ``linalign eval`` (linalign/evaluation.py, docs/eval.md), with the
-results written next to the other benchmarks: benchmarks/results/eval_<device>.csv, .json,
-.samples.jsonl.gz (every answer, gzipped) and .png (adherence against degeneration and
-perplexity; needs matplotlib, skipped with a note without it).
+The same evaluation as ``linalign eval`` (the package linalign/evaluation/, docs/eval.md),
+with the results written next to the other benchmarks: benchmarks/results/eval_<device>.csv,
+.json, .samples.jsonl.gz (every answer, gzipped) and .png (adherence against degeneration
+and perplexity; needs matplotlib, skipped with a note when it is not installed).
 
     python benchmarks/eval_principles.py --device cuda --batch-size 576   # the whole grid
     python benchmarks/eval_principles.py --report benchmarks/results/eval_cuda.json
@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
+from linalign.cli_args import CommandError  # noqa: E402
 from linalign.evaluation import build_eval_parser, eval_command  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
         args.threads = 1
     try:
         return eval_command(args)
-    except ValueError as e:
+    except (CommandError, ValueError) as e:  # one line, as linalign eval prints it
         print(f"eval_principles: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,18 +1,24 @@
-"""The judge-free evaluation (linalign/evaluation.py): every principle's scorer on answers
-that follow it and answers that do not, the metrics against hand-computed values, the
-perplexity against a one-sample-at-a-time computation, and the harness end to end on the
-tiny random Llama (and once through the command on the embedded model, when installed)."""
+"""The judge-free evaluation (the package linalign/evaluation/): every principle's scorer on
+answers that follow it and answers that do not, the metrics against hand-computed values,
+the perplexity against a one-sample-at-a-time computation, the harness end to end on the
+tiny random Llama, the command's options against ``linalign generate``'s, the command end
+to end on the tiny model (and on the embedded model, when installed), and the plot's
+handling of a missing or broken matplotlib."""
 import importlib.util
-import pathlib
 import io
 import json
 import math
+import pathlib
+import sys
 
 import pytest
 import torch
 
 import linalign
+from linalign import cli
 from linalign import evaluation as ev
+from linalign.cli_args import TINY_MODEL, CommandError, load_aligner
+from linalign.options import RULES
 from linalign.testing import ByteTokenizer, random_llama
 
 # For every principle: answers that follow it and answers that do not, as
@@ -152,7 +158,8 @@ def test_parse_setting():
     assert ev.parse_setting("la-r3") == ev.Setting("la-r3", "la", 3.0)
     assert ev.parse_setting("la-r0.5").value == 0.5
     assert ev.parse_setting("kl-0.3") == ev.Setting("kl-0.3", "kl", 0.3)
-    for bad in ("la", "la-r", "kl-0", "kl-x", "ratio3", "la-r-1", ""):
+    # la-r1e39 and kl-1e39 are not finite in fp32, the decoder's arithmetic
+    for bad in ("la", "la-r", "kl-0", "kl-x", "ratio3", "la-r-1", "", "la-r1e39", "kl-1e39"):
         with pytest.raises(ValueError, match="setting"):
             ev.parse_setting(bad)
 
@@ -237,6 +244,7 @@ def test_harness_end_to_end(aligner, tmp_path):
     assert [s["token_ids"] for s in again["samples"]] == \
         [s["token_ids"] for s in samples if s["setting"] == "la-r3" and
          s["decoding"] == "sampled"]
+    assert set(result) == {"rows", "samples", "timing"}
     rows = result["rows"]
     assert len(rows) == 3 * 2 * 3  # settings x decodings x (2 principles + all)
     assert "la-r3/sampled" in log.getvalue()
@@ -247,6 +255,7 @@ def test_harness_end_to_end(aligner, tmp_path):
     summary = json.loads((tmp_path / "e.json").read_text())
     assert summary["rows"] == json.loads(json.dumps(rows))
     assert set(summary["principles"]) == {"brief", "no-digits"}
+    assert set(summary) == {"meta", "rows", "timing", "principles", "prompts"}
     assert (tmp_path / "e.csv").read_text().count("\n") == len(rows) + 1
     assert str(tmp_path / "e.samples.jsonl.gz") in paths
     if importlib.util.find_spec("matplotlib"):
@@ -256,52 +265,135 @@ def test_harness_end_to_end(aligner, tmp_path):
 
 
 def test_kl_settings(aligner):
-    """kl-<eps> calls generate(kl_budget=eps, max_ratio=...), and is skipped with a note by
-    a decoder without kl mode."""
+    """kl-<eps> calls generate(kl_budget=eps, max_ratio=...) and reports the decoder's mean
+    derived ratio; a decoder without kl mode fails the run (nothing is skipped)."""
     prompts = ["Hi there"]
-    if ev.kl_supported(aligner):
-        res = ev.run_eval(aligner, principles=["brief"], prompts=prompts, settings="kl-0.3",
-                          decodings=["greedy"], max_new_tokens=3, kl_max_ratio=4.0,
-                          progress=None)
-        direct = aligner.generate(prompts, ev.PRINCIPLES["brief"].text, kl_budget=0.3,
-                                  max_ratio=4.0, max_new_tokens=3)
-        assert res["samples"][0]["token_ids"] == direct.token_ids[0]
-        assert res["skipped"] == []
+    res = ev.run_eval(aligner, principles=["brief"], prompts=prompts, settings="kl-0.3",
+                      decodings=["greedy"], max_new_tokens=3, max_ratio=4.0, progress=None)
+    direct = aligner.generate(prompts, ev.PRINCIPLES["brief"].text, kl_budget=0.3,
+                              max_ratio=4.0, max_new_tokens=3)
+    assert res["samples"][0]["token_ids"] == direct.token_ids[0]
+    assert res["samples"][0]["ratio"] == pytest.approx(direct.extra["ratio"][0])
+    assert -1.0 <= res["rows"][-1]["mean_ratio"] <= 4.0  # r_eff = kappa - 1, kappa in [0, 5]
+    assert "skipped" not in res
 
-    class NoKl:  # the decoder's interface without kl_budget
+    class NoKl:  # the decoder's interface, refusing kl mode
         def __init__(self, inner):
             self.inner = inner
             self.model, self.pad_id = inner.model, inner.pad_id
             self.encode, self.prompt_texts = inner.encode, inner.prompt_texts
 
-        def generate(self, prompts, principle, *, ratio=3.0, **kw):
-            return self.inner.generate(prompts, principle, ratio=ratio, **kw)
+        def generate(self, prompts, principle, params=None, **kw):
+            if params is not None and params.kl_budget is not None:
+                raise TypeError("this decoder has no kl mode")
+            return self.inner.generate(prompts, principle, params, **kw)
 
-        def generate_plain(self, prompts, principle=None, **kw):
-            return self.inner.generate_plain(prompts, principle, **kw)
+        def generate_plain(self, prompts, principle=None, params=None, **kw):
+            return self.inner.generate_plain(prompts, principle, params, **kw)
 
-    log = io.StringIO()
-    res = ev.run_eval(NoKl(aligner), principles=["brief"], prompts=prompts,
-                      settings="la-r1,kl-0.3", decodings=["greedy"], max_new_tokens=2,
-                      progress=log)
-    assert res["skipped"] == ["kl-0.3"] and "skipping kl-0.3" in log.getvalue()
-    assert {s["setting"] for s in res["samples"]} == {"la-r1"}
+    runs = []
+    with pytest.raises(TypeError, match="no kl mode"):
+        ev.run_eval(NoKl(aligner), principles=["brief"], prompts=prompts,
+                    settings="la-r1,kl-0.3", decodings=["greedy"], max_new_tokens=2,
+                    progress=None, on_run=runs.append)
+    assert len(runs) == 1  # la-r1 ran (and was checkpointed), then kl-0.3 failed
 
 
-def test_bad_arguments(aligner):
+def test_bad_arguments(aligner, tmp_path):
     with pytest.raises(ValueError, match="unknown principle"):
         ev.run_eval(aligner, principles=["nope"], prompts=["x"], settings="none")
     with pytest.raises(ValueError, match="unknown setting"):
         ev.run_eval(aligner, prompts=["x"], settings="la-3")
     with pytest.raises(ValueError, match="decoding"):
         ev.run_eval(aligner, prompts=["x"], settings="none", decodings=["beam"])
-    parser = ev.build_eval_parser()
-    for argv, what in ((["--settings", "la-3"], "unknown setting"),
-                       (["--decodings", "beam"], "decodings"),
-                       (["--principles", "brief,nope"], "unknown principle")):
+    # sampling options are checked by the decoder's rules before the first answer
+    for bad, what in ((dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"),
+                      (dict(max_ratio=math.inf), "max_ratio"), (dict(seed=-1), "seed")):
         with pytest.raises(ValueError, match=what):
+            ev.run_eval(aligner, prompts=["x"], settings="none", progress=None,
+                        on_run=pytest.fail, **bad)
+    parser = ev.build_eval_parser()
+    for argv, what in ((["--settings", "la-3"], "--settings: unknown setting"),
+                       (["--settings", ","], "--settings is empty"),
+                       (["--decodings", "beam"], "decodings"),
+                       (["--principles", "brief,nope"], "unknown principle"),
+                       (["--principles", ","], "--principles is empty"),
+                       (["--prompt-file", str(tmp_path / "none.txt")], "--prompt-file"),
+                       (["--report", str(tmp_path / "none.json")], "--report")):
+        with pytest.raises(CommandError, match=what):
             ev.eval_command(parser.parse_args(argv), out=io.StringIO(),
                             progress=io.StringIO())
+
+
+# The edge values of the real-valued options: each command must take exactly what the
+# library's rule takes (judged at fp32: 1e-50 is 0 and 1.0000001 is above 1 there).
+EDGE_VALUES = ["0", "-0.0", "1e-50", "1e39", "nan", "inf", "-inf", "1.0000001", "1", "0.8",
+               "-1", "3.4e38"]
+
+
+@pytest.mark.parametrize("option,rule", [("--temperature", "temperature"),
+                                         ("--top-p", "top_p"), ("--max-ratio", "max_ratio")])
+def test_eval_and_generate_take_the_same_values(option, rule):
+    parser = cli.build_parser()
+    dest = option[2:].replace("-", "_")
+
+    def outcome(argv):
+        try:
+            return getattr(parser.parse_args(argv), dest)
+        except CommandError:
+            return "refused"
+
+    for value in EDGE_VALUES:
+        in_eval = outcome(["eval", f"{option}={value}"])
+        in_generate = outcome(["generate", "Hi", "--principle", "p", f"{option}={value}"])
+        expected = float(value) if RULES[rule].number_ok(float(value)) else "refused"
+        assert in_eval == in_generate == expected, (option, value)
+    # not vacuous: each option takes some of these values and refuses others
+    taken = [v for v in EDGE_VALUES if outcome(["eval", f"{option}={v}"]) != "refused"]
+    assert 0 < len(taken) < len(EDGE_VALUES)
+    assert outcome(["eval", f"{option}=nan"]) == outcome(["eval", f"{option}=1e39"]) == \
+        "refused"
+
+
+def test_eval_takes_the_shared_options_and_the_protocol_defaults():
+    args = cli.build_parser().parse_args(["eval"])
+    assert (args.max_new_tokens, args.seed) == (48, 0)  # the protocol's
+    assert (args.temperature, args.top_p, args.max_ratio) == (
+        linalign.SamplingParams.temperature, linalign.SamplingParams.top_p,
+        linalign.SamplingParams.max_ratio)
+    assert (args.device, args.dtype, args.fast, args.system) == ("auto", "auto", False, None)
+    assert args.run_command is ev.eval_command
+    for gone in ("--kl-max-ratio",):
+        with pytest.raises(CommandError):
+            cli.build_parser().parse_args(["eval", gone, "3"])
+
+
+def test_command_on_the_tiny_model(tmp_path, capsys):
+    """``linalign eval`` end to end through ``linalign.cli.main`` on the tiny random Llama:
+    --max-ratio reaches the kl settings, --temperature 0 is taken, the files are written."""
+    argv = ["eval", "--model", TINY_MODEL, "--device", "cpu", "--prompts", "2",
+            "--principles", "brief,pirate", "--settings", "prompt,la-r3,kl-0.3",
+            "--max-new-tokens", "3", "--max-ratio", "4", "--temperature", "0",
+            "--out", str(tmp_path / "tiny"), "--no-plot"]
+    assert cli.main(argv) == 0
+    assert "| kl-0.3 | sampled |" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "tiny.json").read_text())
+    meta = summary["meta"]
+    assert (meta["model"], meta["device"], meta["dtype"]) == (TINY_MODEL, "cpu", "float32")
+    assert (meta["max_ratio"], meta["temperature"], meta["max_new_tokens"]) == (4.0, 0.0, 3)
+    assert meta["settings"] == ["prompt", "la-r3", "kl-0.3"] and not meta["partial"]
+    assert "kl_max_ratio" not in meta and "skipped" not in summary
+    assert len(summary["rows"]) == 3 * 2 * 3
+    with open(tmp_path / "tiny.samples.jsonl", encoding="utf-8") as f:
+        samples = [json.loads(line) for line in f]
+    kl = [s for s in samples if s["setting"] == "kl-0.3" and s["decoding"] == "greedy" and
+          s["principle"] == "brief"]
+    aligner = load_aligner(cli.build_parser().parse_args(argv))
+    direct = aligner.generate(ev.load_prompts()[:2], ev.PRINCIPLES["brief"].text,
+                              kl_budget=0.3, max_ratio=4.0, temperature=0.0,
+                              max_new_tokens=3)
+    assert [s["token_ids"] for s in kl] == direct.token_ids
+    assert all(-1.0 <= s["ratio"] <= 4.0 for s in samples if s["setting"] == "kl-0.3")
 
 
 def test_report_of_a_results_file(tmp_path):
@@ -359,3 +451,53 @@ def test_docs_list_every_principle_as_the_code_does():
     text = (pathlib.Path(__file__).parents[1] / "docs" / "eval.md").read_text()
     for p in ev.PRINCIPLES.values():
         assert f"| `{p.name}` | {p.text} | {p.rule} |" in text, p.name
+
+
+# ------------------------------------------------------------------ the plot
+ROWS = ev.summarise([dict(setting="la-r3", decoding="greedy", principle="brief",
+                          passed=True, rep3=0.1, distinct2=0.9, nll=1.0, nll_tokens=1,
+                          ppl=math.e, n_tokens=1, finish_reason="eos", ratio=3.0)])
+
+
+@pytest.fixture
+def no_matplotlib_imported():
+    """sys.modules without matplotlib during the test, as it was after it."""
+    def ours(name):
+        return name == "matplotlib" or name.startswith("matplotlib.")
+    saved = {k: v for k, v in sys.modules.items() if ours(k)}
+    for k in saved:
+        del sys.modules[k]
+    yield
+    for k in [k for k in sys.modules if ours(k)]:
+        del sys.modules[k]
+    sys.modules.update(saved)
+
+
+def test_plot_without_matplotlib_is_a_note(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: not found
+    log = io.StringIO()
+    assert ev.plot_summary(ROWS, str(tmp_path / "p.png"), progress=log) is None
+    assert "matplotlib is not installed" in log.getvalue()
+    assert not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize("module,code,error", [
+    ("__init__", "import linalign_missing_dependency\n", ImportError),
+    ("pyplot", "import linalign_missing_dependency\n", ImportError),
+    ("pyplot", "raise RuntimeError('no usable backend')\n", RuntimeError)])
+def test_a_broken_matplotlib_raises(tmp_path, monkeypatch, no_matplotlib_imported, module,
+                                    code, error):
+    """An installed matplotlib that does not import is a fault: raised, not a note."""
+    fake = tmp_path / "site" / "matplotlib"
+    fake.mkdir(parents=True)
+    files = {"__init__": "def use(backend):\n    pass\n", "pyplot": ""}
+    files[module] = code
+    for name, text in files.items():
+        (fake / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    log = io.StringIO()
+    with pytest.raises(error) as raised:
+        ev.plot_summary(ROWS, str(tmp_path / "p.png"), progress=log)
+    if error is ImportError:
+        assert raised.value.name == "linalign_missing_dependency"
+    assert log.getvalue() == ""
