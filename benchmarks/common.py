@@ -53,6 +53,8 @@ RESULTS = os.path.join(HERE, "results")
 FIELDS = ["bench", "case", "provider", "median", "spread", "unit", "device", "threads",
           "versions", "commit", "date"]
 UNITS = {"step": "ms", "decode": "tokens/s", "prefill": "s"}
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+HBM_BYTES_PER_S = 3.0e12  # an H100's measured device-to-device bandwidth
 
 
 @dataclasses.dataclass
@@ -236,6 +238,12 @@ def time_gpu(fn, warmup=25, rep=100):
     lo, med, hi = triton.testing.do_bench(fn, warmup=warmup, rep=rep,
                                           quantiles=[0.25, 0.5, 0.75])
     return med, hi - lo
+
+
+def floor_us(B, V, dtype: str) -> float:
+    """The bandwidth floor of one step, in microseconds: both [B, V] branches of ``dtype``
+    ("bfloat16", ...) read once from HBM at 3.0 TB/s."""
+    return 2 * B * V * BYTES[dtype] / HBM_BYTES_PER_S * 1e6
 
 
 # ---------------------------------------------------------------------------- reports

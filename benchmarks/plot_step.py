@@ -6,40 +6,41 @@
 One panel per vocabulary size V (columns) and per (dtype, mode) found in the CSV's latest
 run (rows: bfloat16 sample first, then bfloat16 greedy, float32 sample, float32 greedy, ...).
 Each panel: the median step time in microseconds (log y) against B (log x), one line per
-provider, and the bandwidth floor (2 B V bytes / 3.0 TB/s, the CSV's floor_us) as a dashed
-black line. Only the latest run (the latest ``date``) of the CSV is drawn. matplotlib is
-imported only when plotting (the Agg backend: no display needed).
+provider, and the bandwidth floor (2 B V bytes / 3.0 TB/s, common.floor_us) as a dashed
+black line. Only the latest run (the latest ``date``) of the CSV is drawn; the CSV is read
+by the benchmarks' one reader (benchmarks/common.py). matplotlib is imported only when
+plotting (the Agg backend: no display needed).
 """
 import argparse
-import csv
+import os
 import sys
 
-HBM_BYTES_PER_S = 3.0e12
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-PROVIDER_ORDER = ("triton", "reference-compiled", "authors", "authors-compiled", "torch",
-                  "reference")
-STYLE = {"triton": dict(color="C0", marker="o"), "reference-compiled": dict(color="C1", marker="s"),
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+PROVIDER_ORDER = ("triton", "triton-graph", "reference-compiled", "authors", "authors-compiled",
+                  "torch", "reference")
+STYLE = {"triton": dict(color="C0", marker="o"), "triton-graph": dict(color="C6", marker="*"),
+         "reference-compiled": dict(color="C1", marker="s"),
          "authors": dict(color="C2", marker="^"), "authors-compiled": dict(color="C4", marker="v"),
          "torch": dict(color="C3", marker="D"), "reference": dict(color="C5", marker="x")}
 
 
 def load(csv_path):
-    """Rows of the latest run: list of dicts with B, V int, median_us and floor_us float."""
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    """The step rows of the CSV's latest run (--variants rows left out), as dicts with B, V
+    int, median_us and floor_us float (common.read_results, common.floor_us)."""
+    rows = [r for r in common.read_results(csv_path, bench="step") if "variant" not in r.case]
     if not rows:
-        raise SystemExit(f"{csv_path}: no rows")
-    latest = max(r.get("date") or "" for r in rows)
+        raise SystemExit(f"{csv_path}: no step rows")
+    latest = max(r.date for r in rows)
     out = []
     for r in rows:
-        if (r.get("date") or "") != latest:
+        if r.date != latest:
             continue
-        B, V, dtype = int(r["B"]), int(r["V"]), r.get("dtype") or "float32"
-        floor = r.get("floor_us")
-        floor = float(floor) if floor else 2 * B * V * BYTES.get(dtype, 4) / HBM_BYTES_PER_S * 1e6
-        out.append(dict(B=B, V=V, dtype=dtype, mode=r["mode"], provider=r["provider"],
-                        median_us=float(r["median_ms"]) * 1e3, floor_us=floor,
-                        device=r.get("device", ""), date=latest))
+        B, V, dtype = int(r.case["B"]), int(r.case["V"]), r.case["dtype"]
+        out.append(dict(B=B, V=V, dtype=dtype, mode=r.case["mode"], provider=r.provider,
+                        median_us=r.median * 1e3, floor_us=common.floor_us(B, V, dtype),
+                        device=r.device, date=latest))
     return out
 
 
