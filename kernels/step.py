@@ -47,7 +47,9 @@ import os
 import triton
 import triton.language as tl
 
-from .. import constants
+# Absolute, not "from .. import": run from the repository root, transformers probes for the
+# unrelated PyPI package "kernels" and may import this folder under that top-level name.
+from linalign import constants
 
 # Under Triton's interpreter every call of a nested @triton.jit function re-patches the
 # language module (about 1 ms each), while a plain Python helper runs with the caller's

@@ -317,8 +317,8 @@ def test_command_max_new_tokens_0(command, capsys):
 def test_command_answers(command, capsys, aligner):
     rc, out, err = _main(capsys, "hi", "--principle", "x", "--max-new-tokens", "4")
     assert rc == 0 and err == ""
-    # the command's default ratio (linalign.cli.COMMAND_RATIO), not the library's
-    assert out == aligner.generate("hi", "x", ratio=1.0, max_new_tokens=4).text.strip() + "\n"
+    # the command's defaults are the library's (linalign.SamplingParams)
+    assert out == aligner.generate("hi", "x", max_new_tokens=4).text.strip() + "\n"
 
 
 def test_command_decoder_value_error_is_one_line(command, capsys):

@@ -58,8 +58,8 @@ def test_branches_differ_only_by_the_principle(aligner):
 def test_stacked_and_two_caches_agree(aligner, smol):
     """The authors' structure (two caches, two forwards) and one stacked forward of 2B rows
     give the same greedy tokens, prompts of different lengths in one batch."""
-    a = aligner.generate(PROMPTS, PRINCIPLE, max_new_tokens=N)
-    b = aligner.generate(PROMPTS, PRINCIPLE, max_new_tokens=N, mode="two-caches")
+    a = aligner.generate(PROMPTS, PRINCIPLE, ratio=3.0, max_new_tokens=N)
+    b = aligner.generate(PROMPTS, PRINCIPLE, ratio=3.0, max_new_tokens=N, mode="two-caches")
     ids_with, ids_without = aligner.branches(PROMPTS, PRINCIPLE)
     assert len({len(r) for r in ids_with}) == len(PROMPTS)
     for i in range(len(PROMPTS)):
@@ -68,10 +68,10 @@ def test_stacked_and_two_caches_agree(aligner, smol):
 
 
 def test_alone_equals_in_a_batch(aligner, smol):
-    batch = aligner.generate(PROMPTS, PRINCIPLE, max_new_tokens=N)
+    batch = aligner.generate(PROMPTS, PRINCIPLE, ratio=3.0, max_new_tokens=N)
     ids_with, ids_without = aligner.branches(PROMPTS, PRINCIPLE)
     for i in (0, 2):
-        alone = aligner.generate(PROMPTS[i], PRINCIPLE, max_new_tokens=N)
+        alone = aligner.generate(PROMPTS[i], PRINCIPLE, ratio=3.0, max_new_tokens=N)
         assert_same_or_near_tie(smol[0], ids_with[i], ids_without[i], alone.token_ids[0],
                                 batch.token_ids[i], ratio=3.0, temperature=0.5, top_p=0.8)
     # "What is the capital of France?" ends on <|im_end|> long before N tokens.
@@ -145,8 +145,7 @@ def test_command_main_job(aligner):
     run = _cli("generate", PROMPTS[0], "--principle", PRINCIPLE, "--max-new-tokens", str(N),
                "--threads", "1")
     assert run.returncode == 0, run.stderr
-    want = aligner.generate(PROMPTS[0], PRINCIPLE, ratio=cli.COMMAND_RATIO,
-                            max_new_tokens=N).text
+    want = aligner.generate(PROMPTS[0], PRINCIPLE, max_new_tokens=N).text  # the defaults
     assert run.stdout.strip() == want.strip()
 
 
