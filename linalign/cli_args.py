@@ -71,10 +71,10 @@ SAMPLING_OPTIONS = ("ratio", "kl_budget", "max_ratio", "temperature", "top_p", "
 
 
 def add_sampling_arguments(parser, *, options=SAMPLING_OPTIONS, max_new_tokens=None,
-                           for_lines=False):
-    """Add the sampling options named in ``options`` to ``parser``. ``max_new_tokens``
-    overrides that default (the evaluation's protocol); ``for_lines``: the values are
-    defaults for input lines that give none (``linalign run``)."""
+                           seed=None, for_lines=False):
+    """Add the sampling options named in ``options`` to ``parser``. ``max_new_tokens`` and
+    ``seed`` override those defaults (the evaluation's protocol fixes both); ``for_lines``:
+    the values are defaults for input lines that give none (``linalign run``)."""
     g = parser.add_argument_group("sampling" + (" (for input lines that give none)"
                                                 if for_lines else ""))
     if "ratio" in options:
@@ -106,8 +106,9 @@ def add_sampling_arguments(parser, *, options=SAMPLING_OPTIONS, max_new_tokens=N
                        default=_DEFAULTS.max_new_tokens if max_new_tokens is None
                        else max_new_tokens, help="default %(default)s")
     if "seed" in options:
-        g.add_argument("--seed", type=integer(name="seed"), default=None,
-                       help="seed for --sample (default: a fresh one)")
+        g.add_argument("--seed", type=integer(name="seed"), default=seed,
+                       help="seed for --sample (default: " +
+                       ("a fresh one)" if seed is None else "%(default)s)"))
     return g
 
 

@@ -29,8 +29,9 @@ from .scorers import PRINCIPLES
 #: ``meta.model`` of a run without ``--model``.
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct (embedded)"
 #: The shared sampling options the evaluation takes (its settings give the ratio or the kl
-#: budget, ``--decodings`` greedy or sampled); ``--seed`` is its own (default 0).
-SAMPLING_OPTIONS = ("max_ratio", "temperature", "top_p", "max_new_tokens")
+#: budget, ``--decodings`` greedy or sampled); ``--max-new-tokens`` and ``--seed`` have the
+#: protocol's defaults.
+SAMPLING_OPTIONS = ("max_ratio", "temperature", "top_p", "max_new_tokens", "seed")
 DESCRIPTION = ("Answer the evaluation prompts under each principle with no principle, the "
                "principle in the prompt only, and Linear Alignment at several ratios and kl "
                "budgets; score each answer with the principle's program; write a CSV, a "
@@ -78,13 +79,11 @@ def add_eval_arguments(p, default_out: str | None):
                    help="answers per perplexity forward (default: --batch-size; at most "
                    "1 GiB of logits per forward either way)")
     s = add_sampling_arguments(p, options=SAMPLING_OPTIONS,
-                               max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+                               max_new_tokens=DEFAULT_MAX_NEW_TOKENS, seed=DEFAULT_SEED)
     s.description = (f"the protocol: --max-new-tokens {DEFAULT_MAX_NEW_TOKENS} (not the "
-                     "library's 256) and a fixed --seed; --temperature and --top-p apply "
-                     "to every setting, --max-ratio caps the kl settings' ratio")
-    s.add_argument("--seed", type=integer(name="seed"), default=DEFAULT_SEED,
-                   help="base of the sampled settings' seeds: one per prompt, the same in "
-                   "every setting and for every principle (default %(default)s)")
+                     "library's 256) and a fixed --seed (the base of one seed per prompt, "
+                     "the same in every setting and for every principle); --temperature and "
+                     "--top-p apply to every setting, --max-ratio caps the kl settings' ratio")
     add_model_arguments(p, modes=False)
     o = p.add_argument_group("output")
     o.add_argument("--out", default=default_out, metavar="PREFIX",
