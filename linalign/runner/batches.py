@@ -65,7 +65,7 @@ def generate_batch(aligner, batch: list[Job], s: Settings, on_finished):
     K = len(batch[0].row.principles)
     principle = [j.row.principles[0] if K == 1 else j.row.principles for j in batch]
     return aligner.generate([j.row.prompt for j in batch], principle,
-                            batch_params(batch, s.params), mode=s.options.mode,
+                            params=batch_params(batch, s.params), mode=s.options.mode,
                             fast=s.options.fast, on_finished=on_finished)
 
 

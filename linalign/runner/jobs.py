@@ -73,7 +73,7 @@ def defaults_problem(row: Row, params: SamplingParams) -> str | None:
     if params.kl_budget is not None:
         if K > 1:
             return (f"{K} principles and no \"ratio\": --kl-budget (kl mode) is for one "
-                    "principle per prompt (docs/semantics.md, kl mode)")
+                    "principle per prompt (docs/semantics.md, \"kl mode\")")
         return None
     try:
         default_ratios(params.ratio, K)

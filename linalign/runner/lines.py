@@ -3,7 +3,7 @@
 Numbers are checked with the rules of ``linalign.options`` (``check_number``,
 ``check_int``), so a line's ``ratio``, ``kl_budget``, ``seed`` and ``max_new_tokens`` have
 exactly the bounds of ``LinearAligner.generate`` and of the command-line options.
-Format: docs/run.md, "Input: one JSON object per line".
+Format: docs/run.md, "Input".
 """
 from __future__ import annotations
 
@@ -122,8 +122,9 @@ def parse_line(obj, line: int) -> Row:
             raise ValueError("give \"ratio\" or \"kl_budget\", not both (kl mode derives the "
                              "ratio from the budget)")
         if K > 1:
-            raise ValueError(f"\"kl_budget\" is for one principle (docs/semantics.md, kl "
-                             f"mode); this line has {K}: give \"ratio\" instead")
+            where = 'docs/semantics.md, "kl mode"'
+            raise ValueError(f"\"kl_budget\" is for one principle ({where}); this line has "
+                             f"{K}: give \"ratio\" instead")
         row.kl_budget = budget
     if "seed" in obj:
         row.seed = field_int(obj, "seed")
