@@ -1,8 +1,11 @@
-"""``linalign run`` on the tiny random Llama: results equal ``generate``, rows written the step
-they finish, restart after an interruption (and a line cut short by a crash) with every id
-once, malformed input reported by line number, out-of-memory batches split, and two
-``torchrun`` processes (gloo) merged into the single-process output. Commands run in process
-(``linalign.runner.main``) except the torchrun one; at most 8 new tokens per row."""
+"""``linalign run`` on the tiny random Llama: results equal ``generate`` (its default ratio,
+``--fast`` too), rows written through ``on_finished`` as they finish (no streamer),
+restart after an interruption (and a line cut short by a crash) with every id once,
+malformed input reported by line number, the bounds of ``linalign.options``, out-of-memory
+batches split, several principles and kl mode, and two ``torchrun`` processes (gloo) merged
+into the single-process output. Commands run in process (``linalign.runner.main``) except
+the torchrun one; at most 8 new tokens per row."""
+import argparse
 import json
 import os
 import subprocess
@@ -12,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from linalign import runner
+from linalign.cli_args import TINY_MODEL, load_aligner
 from linalign.decoder import LinearAligner
+from linalign.options import DEFAULT_RATIO, MAX_RATIO, RULES, SamplingParams
+from linalign.runner import RunOptions, Settings
 from linalign.testing import ByteTokenizer
 
-ROOT = Path(__file__).parents[1]
 LINES = [
     {"id": 1, "prompt": "hello there, how are you today?", "principle": "Be kind."},
     {"id": "b", "prompt": "a", "principle": "Be brief.", "ratio": 1.5},
@@ -26,13 +31,19 @@ LINES = [
      "seed": 42},
     {"id": 6, "prompt": "Why?", "principle": "Be kind.", "ratio": [-0.5]},
 ]
-BASE = ["--model", runner.TINY_MODEL, "--device", "cpu", "--threads", "1",
+BASE = ["--model", TINY_MODEL, "--device", "cpu", "--threads", "1",
         "--max-new-tokens", "8", "--token-ids", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def aligner():
-    return runner.load_aligner(runner.TINY_MODEL, "cpu")  # the model the command uses
+    # the model the command uses (built once per process and device)
+    return load_aligner(argparse.Namespace(model=TINY_MODEL, system=None, device="cpu",
+                                           dtype="auto", threads=None))
+
+
+def settings(token_ids=False, **params):
+    return Settings(SamplingParams(**params), RunOptions(token_ids=token_ids))
 
 
 def write_lines(path, lines):
@@ -53,23 +64,32 @@ def run(tmp_path, *args, lines=LINES, name="out.jsonl"):
                         *args])
 
 
+def want_of(aligner, line, n=8, **options):
+    """``generate``'s result for one line alone: its own ratio, else generate's default."""
+    if "ratio" in line:
+        r = line["ratio"]
+        options["ratio"] = r[0] if isinstance(r, list) else r
+    return aligner.generate(line["prompt"], line["principle"],
+                            max_new_tokens=line.get("max_new_tokens", n), **options)
+
+
 def test_results_equal_generate(tmp_path, aligner, capsys):
     """Each row's tokens and text are generate's for that prompt alone (greedy), with the
-    line's ratio and max_new_tokens; the finished file is in input order."""
+    line's ratio (else generate's default, DEFAULT_RATIO) and max_new_tokens; the finished
+    file is in input order; settings record what each row ran with."""
     assert run(tmp_path, "--batch-size", "4") == 0
     out = results(tmp_path / "out.jsonl")
     assert [o["id"] for o in out] == [x["id"] for x in LINES]
     for line, o in zip(LINES, out):
-        ratio = line.get("ratio", 3.0)
+        ratio = line.get("ratio", DEFAULT_RATIO)
         ratio = ratio[0] if isinstance(ratio, list) else ratio
         n = line.get("max_new_tokens", 8)
-        want = aligner.generate(line["prompt"], line["principle"], ratio=ratio,
-                                max_new_tokens=n)
+        want = want_of(aligner, line)
         assert o["token_ids"] == want.token_ids[0], o["id"]
         assert o["text"] == want.texts[0] and o["new_tokens"] == len(want.token_ids[0])
         assert o["finish_reason"] == want.finish_reasons[0]
         assert o["prompt"] == line["prompt"] and o["principles"] == [line["principle"]]
-        assert o["rank"] == 0 and o["model"] == runner.TINY_MODEL
+        assert o["rank"] == 0 and o["model"] == TINY_MODEL
         assert o["settings"] == {
             "ratio": [float(ratio)], "kl_budget": None, "max_ratio": None,
             "temperature": 0.5, "top_p": 0.8, "greedy": True, "max_new_tokens": n,
@@ -83,6 +103,58 @@ def test_results_equal_generate(tmp_path, aligner, capsys):
     assert "0 rows decoded (6 already done)" in capsys.readouterr().err
 
 
+def test_the_default_ratio_is_generates(tmp_path, aligner):
+    """A line without a ratio, and no --ratio: DEFAULT_RATIO, recorded in its settings, the
+    tokens of generate with its defaults; --ratio sets it for every such line."""
+    assert DEFAULT_RATIO == SamplingParams().ratio or SamplingParams().ratio is None
+    lines = [LINES[0], LINES[4]]
+    assert run(tmp_path, lines=lines) == 0
+    for line, o in zip(lines, results(tmp_path / "out.jsonl")):
+        assert o["settings"]["ratio"] == [DEFAULT_RATIO]
+        assert o["token_ids"] == aligner.generate(line["prompt"], line["principle"],
+                                                  max_new_tokens=8).token_ids[0]
+    assert run(tmp_path, "--ratio", "2.5", name="r.jsonl") == 0
+    for line, o in zip(lines, results(tmp_path / "r.jsonl")):
+        assert o["settings"]["ratio"] == [2.5]
+        assert o["token_ids"] == want_of(aligner, line, ratio=2.5).token_ids[0]
+
+
+def test_fast_gives_the_same_lines(tmp_path):
+    """--fast (static cache; a CUDA graph on a GPU) writes the same lines as without."""
+    assert run(tmp_path, "--batch-size", "4", name="plain.jsonl") == 0
+    assert run(tmp_path, "--batch-size", "4", "--fast", name="fast.jsonl") == 0
+    plain, fast = results(tmp_path / "plain.jsonl"), results(tmp_path / "fast.jsonl")
+    assert len(plain) == len(LINES) and fast == plain
+    assert run(tmp_path, "--fast", "--mode", "two-caches", name="x.jsonl") == 2
+
+
+def test_rows_are_written_through_on_finished(aligner):
+    """decode_jobs passes generate an on_finished callback and no streamer (a streamer reads
+    every step's tokens: a host synchronisation per step on a GPU); every line is written
+    from inside that callback, before its generate call returns."""
+    events = []
+
+    class Spy(LinearAligner):
+        def generate(self, prompts, principle, params=None, **kw):
+            assert kw.get("streamer") is None and callable(kw.get("on_finished"))
+            assert kw.get("fast") is False and kw.get("mode") == "stacked"
+            events.append("call")
+            result = super().generate(prompts, principle, params, **kw)
+            events.append("return")
+            return result
+
+    spy = Spy(aligner.model, ByteTokenizer())
+    s = settings(max_new_tokens=5)
+    jobs = [runner.resolve(runner.parse_line(x, i + 1), s, None) for i, x in enumerate(LINES)]
+    n = runner.decode_jobs(spy, jobs, s, lambda o: events.append(o["id"]), batch_size=4)
+    assert n == len(LINES) and events[-1] == "return"
+    calls = "".join("(" if e == "call" else ")" if e == "return" else "r" for e in events)
+    batches = runner.plan(jobs, 4)  # each row written inside its batch's call
+    assert calls == "".join("(" + "r" * len(b) + ")" for b in batches) and len(batches) > 1
+    assert sorted(map(str, (e for e in events if e not in ("call", "return")))) == \
+        sorted(str(x["id"]) for x in LINES)
+
+
 def test_rows_are_written_the_step_they_finish(aligner):
     """A row that ends on its end-of-sequence token is written while the rest of its batch
     is still decoding, and the batch's other rows follow when they end."""
@@ -92,7 +164,7 @@ def test_rows_are_written_the_step_they_finish(aligner):
     early.eos_ids = [stop]
     rows = [runner.parse_line({"id": x["id"], "prompt": x["prompt"], "principle": "Be kind."},
                               i + 1) for i, x in enumerate(LINES[:4])]
-    s = runner.Settings(ratio=3.0, max_new_tokens=8, token_ids=True)
+    s = settings(token_ids=True, max_new_tokens=8)
     jobs = [runner.resolve(r, s, None) for r in rows]
     progress = runner.Progress(len(jobs), False)
     written = []
@@ -122,10 +194,7 @@ def test_sampling_seeds_follow_the_row_not_the_batch(tmp_path, aligner):
     for line, o in zip(LINES, one):
         seed = line.get("seed", runner.row_seed(5, str(line["id"])))
         assert o["settings"]["seed"] == seed
-        ratio = line.get("ratio", 3.0)
-        want = aligner.generate(line["prompt"], line["principle"], greedy=False, seed=[seed],
-                                temperature=1.0, ratio=ratio[0] if isinstance(ratio, list)
-                                else ratio, max_new_tokens=line.get("max_new_tokens", 8))
+        want = want_of(aligner, line, greedy=False, seed=[seed], temperature=1.0)
         assert o["token_ids"] == want.token_ids[0]
 
 
@@ -177,15 +246,25 @@ def test_malformed_lines_are_reported_and_skipped(tmp_path, capsys):
         {"id": 1, "prompt": "again", "principle": "x"},
         ["a", "list"],
         {"id": "h", "prompt": "q", "principle": ["x", "y"], "kl_budget": 0.1},
+        {"id": "i", "prompt": "q", "principle": "x", "ratio": 1e39},
+        {"id": "j", "prompt": "q", "principle": "x", "kl_budget": -0.1},
+        {"id": "k", "prompt": "q", "principle": "x", "max_new_tokens": -1},
+        {"id": "l", "prompt": "q", "principle": "x", "seed": 2**63},
+        {"id": "m", "prompt": "q", "principle": "x", "ratio": "2"},
         LINES[1],
     ]
     want = {2: "not valid JSON", 3: "missing 'id'", 4: '"prompt" is empty',
             5: '"principle" must be a string or a non-empty list',
-            6: '"ratio" must be a finite number or a list of 1 finite numbers',
+            6: '"ratio" must be a number (a finite number) or a list of 1 (one per',
             7: 'give "ratio" or "kl_budget", not both', 8: '"id" must be',
-            9: "unknown field 'max_tokens'", 10: '"seed" must be an integer in [0, 2**63)',
+            9: "unknown field 'max_tokens'", 10: '"seed" must be an int in [0, 2**63)',
             12: "id 1 is already on line 1", 13: "expected a JSON object",
-            14: '"kl_budget" is for one principle (SPEC section 3); this line has 2'}
+            14: '"kl_budget" is for one principle (docs/semantics.md, "kl mode"); this '
+                'line has 2',
+            # the bounds of linalign.options, judged in fp32 like the step
+            15: '"ratio" must be a number (a finite number)', 16: '"kl_budget" must be '
+            'finite and >= 0', 17: '"max_new_tokens" must be an int >= 0; got -1',
+            18: '"seed" must be an int in [0, 2**63)', 19: "got '2'"}
     write_lines(tmp_path / "in.jsonl", bad)
     assert run(tmp_path) == 0
     err = capsys.readouterr().err.splitlines()
@@ -221,10 +300,16 @@ def test_bad_arguments_and_outputs(tmp_path, capsys):
     cases = [
         (["--ratio", "2", "--kl-budget", "0.1"], "give --ratio or --kl-budget, not both"),
         (["--batch-size", "0"], "expected an integer >= 1"),
-        (["--top-p", "0"], "expected a number in (0, 1]"),
-        (["--kl-budget", "-1"], "expected a number > 0"),
+        # the bounds of linalign.options
+        (["--top-p", "0"], f"expected {RULES['top_p'].words}"),
+        (["--kl-budget", "-1"], f"expected {RULES['kl_budget'].words}"),
+        (["--max-ratio", "-1"], f"expected {RULES['max_ratio'].words}"),
+        (["--ratio", "1e39"], f"expected {RULES['ratio'].words}"),
+        (["--temperature", "-0.5"], f"expected {RULES['temperature'].words}"),
         (["--model", str(tmp_path / "nowhere")], "no such folder or file"),
-        (["--device", "gpu7"], "expected a torch device"),
+        (["--device", "gpu7"], "expected cpu, cuda, cuda:N or auto"),
+        (["--dtype", "int8"], "invalid choice"),
+        (["--fast", "--mode", "two-caches"], "--fast runs the stacked loop"),
     ]
     write_lines(tmp_path / "in.jsonl", LINES)
     for args, words in cases:
@@ -247,13 +332,13 @@ def test_out_of_memory_splits_the_batch(aligner):
     """A batch that runs out of memory is retried in halves; rows finished before the error
     are kept, every row is written once, with the tokens of a batch that fits."""
     class Small(LinearAligner):
-        def generate(self, prompts, principle, **kw):
+        def generate(self, prompts, principle, params=None, **kw):
             if len(prompts) > 2:
                 raise MemoryError("out of memory decoding (test)")
-            return super().generate(prompts, principle, **kw)
+            return super().generate(prompts, principle, params, **kw)
 
     small = Small(aligner.model, ByteTokenizer())
-    s = runner.Settings(max_new_tokens=4, token_ids=True)
+    s = settings(token_ids=True, max_new_tokens=4)
     jobs = [runner.resolve(runner.parse_line(x, i + 1), s, None) for i, x in enumerate(LINES)]
     out, logs = [], []
     assert runner.decode_jobs(small, jobs, s, out.append, batch_size=5, log=logs.append) == 6
@@ -310,37 +395,9 @@ def test_progress_bar(tmp_path):
     assert quiet.text == "" and p.rows == 3 and p.tokens == 5
 
 
-class OldAligner(LinearAligner):
-    """A decoder without several principles per prompt and without kl mode."""
-
-    def generate(self, prompts, principle, *, ratio=3.0, **kw):
-        if any(isinstance(p, list) for p in principle):
-            raise TypeError("principle must be a string or a list of strings; got list")
-        return super().generate(prompts, principle, ratio=ratio, **kw)
-
-
-def test_unsupported_features_are_a_clear_error(aligner):
-    old = OldAligner(aligner.model, ByteTokenizer())
-    s = runner.Settings(max_new_tokens=2)
-    rows = [runner.parse_line(LINES[0], 1),
-            runner.parse_line({"id": 9, "prompt": "q", "principle": ["A.", "B."]}, 4),
-            runner.parse_line({"id": 8, "prompt": "q", "principle": "A.", "kl_budget": .1}, 5)]
-    jobs = [runner.resolve(r, s, None) for r in rows]
-    with pytest.raises(runner.UnsupportedError, match=r"input line 4 have several principles"):
-        runner.decode_jobs(old, jobs, s, lambda o: None)
-    with pytest.raises(runner.UnsupportedError, match=r"input line 5 ask for kl mode .*no "
-                       "kl_budget argument"):
-        runner.decode_jobs(old, [jobs[0], jobs[2]], s, lambda o: None)
-
-
-def _needs(aligner, what):
-    why = runner.supports(aligner, what)
-    if why is not None:
-        pytest.skip(f"LinearAligner.generate does not support {what} yet ({why})")
-
-
 def test_several_principles_per_line(tmp_path, aligner):
-    _needs(aligner, "several")
+    """A line with a list of principles composes them: its own ratios, else the default
+    ratio for each; the tokens of generate for that prompt alone."""
     lines = [{"id": "k2", "prompt": "hello there", "principle": ["Be kind.", "Be brief."],
               "ratio": [1.0, 2.0]},
              {"id": "k2b", "prompt": "a", "principle": ["Shout.", "Be brief."]},
@@ -348,7 +405,7 @@ def test_several_principles_per_line(tmp_path, aligner):
     assert run(tmp_path, lines=lines) == 0
     out = results(tmp_path / "out.jsonl")
     assert [o["id"] for o in out] == ["k2", "k2b", 1]
-    for line, o, ratio in zip(lines[:2], out, ([1.0, 2.0], [3.0, 3.0])):
+    for line, o, ratio in zip(lines[:2], out, ([1.0, 2.0], [DEFAULT_RATIO] * 2)):
         want = aligner.generate([line["prompt"]], [line["principle"]], ratio=[ratio],
                                 max_new_tokens=8)
         assert o["token_ids"] == want.token_ids[0] and o["settings"]["ratio"] == ratio
@@ -356,7 +413,8 @@ def test_several_principles_per_line(tmp_path, aligner):
 
 
 def test_kl_mode(tmp_path, aligner):
-    _needs(aligner, "kl")
+    """A line's kl_budget, else --kl-budget for lines without a ratio; --max-ratio caps
+    the derived ratio and is recorded for kl rows only."""
     lines = [{"id": "kl", "prompt": "hello there", "principle": "Be kind.",
               "kl_budget": 0.05}, {"id": "default", "prompt": "a", "principle": "Be brief."},
              dict(LINES[1])]
@@ -374,7 +432,7 @@ def test_kl_mode(tmp_path, aligner):
 
 def test_kl_budget_and_several_principles(tmp_path, capsys):
     """--kl-budget is for one principle: a line with several and no ratio of its own is
-    reported and skipped (kl mode is SPEC section 3, one principle per prompt)."""
+    reported and skipped (kl mode is for one principle per prompt)."""
     lines = [{"id": 1, "prompt": "q", "principle": ["A.", "B."]},
              {"id": 2, "prompt": "q", "principle": ["A.", "B."], "ratio": 2}, LINES[1]]
     write_lines(tmp_path / "in.jsonl", lines)
@@ -382,13 +440,40 @@ def test_kl_budget_and_several_principles(tmp_path, capsys):
     assert "line 1: 2 principles and no \"ratio\": --kl-budget" in capsys.readouterr().err
 
 
+def test_kl_budget_zero_is_accepted(tmp_path, aligner):
+    """kl_budget >= 0 everywhere: "kl_budget": 0 on a line and --kl-budget 0 both run, with
+    the tokens of generate(kl_budget=0) and the default cap recorded."""
+    lines = [{"id": "z", "prompt": "hello there", "principle": "Be kind.", "kl_budget": 0},
+             {"id": "d", "prompt": "a", "principle": "Be brief."}]
+    assert run(tmp_path, "--kl-budget", "0", "--strict", lines=lines) == 0
+    out = results(tmp_path / "out.jsonl")
+    for line, o in zip(lines, out):
+        want = aligner.generate(line["prompt"], line["principle"], kl_budget=0.0,
+                                max_new_tokens=8)
+        assert o["token_ids"] == want.token_ids[0]
+        assert o["settings"]["kl_budget"] == 0 and o["settings"]["ratio"] is None
+        assert o["settings"]["max_ratio"] == MAX_RATIO
+
+
+def test_ratio_once_per_principle(tmp_path, aligner, capsys):
+    """--ratio given twice is the default of lines with two principles; a line with another
+    number of principles and no ratio of its own is reported and skipped."""
+    lines = [{"id": 1, "prompt": "q", "principle": ["A.", "B."]},
+             {"id": 2, "prompt": "q", "principle": "A."},
+             {"id": 3, "prompt": "q", "principle": "A.", "ratio": 2}]
+    assert run(tmp_path, "--ratio", "0.5", "--ratio", "2", lines=lines) == 0
+    assert "line 2: 1 principle(s) and no \"ratio\": --ratio is given 2 times" in \
+        capsys.readouterr().err
+    out = results(tmp_path / "out.jsonl")
+    assert [o["id"] for o in out] == [1, 3]
+    assert out[0]["settings"]["ratio"] == [0.5, 2.0]
+    want = aligner.generate(["q"], [["A.", "B."]], ratio=[[0.5, 2.0]], max_new_tokens=8)
+    assert out[0]["token_ids"] == want.token_ids[0]
+
+
 def test_the_linalign_command_has_run(tmp_path):
     from linalign import cli
 
-    sub = next((a for a in cli.build_parser()._actions if a.dest == "command"), None)
-    if sub is None or "run" not in sub.choices:
-        pytest.skip("linalign/cli.py does not have the run sub-command yet (wire "
-                    "runner.add_run_parser and runner.run_command)")
     write_lines(tmp_path / "in.jsonl", LINES[:2])
     args = ["run", "--input", str(tmp_path / "in.jsonl"), "--output",
             str(tmp_path / "out.jsonl"), *BASE]
@@ -423,12 +508,14 @@ def test_torchrun_two_processes_merge_into_the_single_process_output(tmp_path):
     with open(part, "a") as f:
         f.write(json.dumps(single[one[2]])[:50])
     write_lines(tmp_path / "multi.jsonl.rank0-of-3", [planted[zero[1]]])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # run where the data is, as a user would (the installed linalign; not the repository
+    # root, whose top-level kernels/ folder transformers would take for its "kernels")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--monitor-interval", "0.1", "--nproc-per-node", "2", "-m", "linalign.runner",
            "--input", str(inp), "--output", str(tmp_path / "multi.jsonl"), *BASE,
            "--batch-size", "3"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"2 ranks: {len(lines) - 2} rows from the parts; {len(lines)} rows in" in \
