@@ -17,7 +17,8 @@ import pytest
 from linalign import runner
 from linalign.cli_args import TINY_MODEL, load_aligner
 from linalign.decoder import LinearAligner
-from linalign.options import DEFAULT_RATIO, MAX_RATIO, RULES, SamplingParams
+from linalign.constants import MAX_RATIO
+from linalign.options import DEFAULT_RATIO, RULES, SamplingParams
 from linalign.runner import RunOptions, Settings
 from linalign.testing import ByteTokenizer
 
@@ -106,13 +107,14 @@ def test_results_equal_generate(tmp_path, aligner, capsys):
 def test_the_default_ratio_is_generates(tmp_path, aligner):
     """A line without a ratio, and no --ratio: DEFAULT_RATIO, recorded in its settings, the
     tokens of generate with its defaults; --ratio sets it for every such line."""
-    assert DEFAULT_RATIO == SamplingParams().ratio or SamplingParams().ratio is None
     lines = [LINES[0], LINES[4]]
     assert run(tmp_path, lines=lines) == 0
     for line, o in zip(lines, results(tmp_path / "out.jsonl")):
         assert o["settings"]["ratio"] == [DEFAULT_RATIO]
-        assert o["token_ids"] == aligner.generate(line["prompt"], line["principle"],
-                                                  max_new_tokens=8).token_ids[0]
+        want = aligner.generate(line["prompt"], line["principle"], max_new_tokens=8)
+        assert o["token_ids"] == want.token_ids[0]
+        assert want.token_ids == want_of(aligner, line, ratio=DEFAULT_RATIO).token_ids
+        assert want.token_ids != want_of(aligner, line, ratio=3.0).token_ids  # it matters
     assert run(tmp_path, "--ratio", "2.5", name="r.jsonl") == 0
     for line, o in zip(lines, results(tmp_path / "r.jsonl")):
         assert o["settings"]["ratio"] == [2.5]
