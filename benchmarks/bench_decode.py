@@ -3,17 +3,20 @@
     python benchmarks/bench_decode.py                 # CPU: embedded SmolLM2, B = 1 and 8
     python benchmarks/bench_decode.py --quick         # B = 1, 16 tokens, one repeat
     python benchmarks/bench_decode.py --device cuda   # GPU: random-weight Llama 1B and 8B, bf16
-    python benchmarks/bench_decode.py --report benchmarks/results/decode_cpu.csv
+    python benchmarks/bench_decode.py --report benchmarks/results/decode_cpu.csv  # README tables
     python benchmarks/bench_decode.py --forward-cost  # the model's own cost of more rows
 
-Providers, all in linalign's loop (``LinearAligner``), greedy, ratio 3, T 0.5, top-p 0.8:
+Providers, all in linalign's loop (``LinearAligner``), greedy, with the authors' HH setting
+given explicitly (ratio 3, T 0.5, top-p 0.8; the library's default ratio is 1.0,
+linalign.options.DEFAULT_RATIO):
   plain       plain decoding of the principle prompt: one forward of B rows per step, the
               step with both branches equal and ratio 0 (what the loop costs without
               Linear Alignment);
   stacked     Linear Alignment, both branches in one forward of 2B rows per step;
   two-caches  Linear Alignment, two caches and two forwards per step;
   authors     the authors' structure: two caches, two forwards per step, and their
-              sort-based step (linalign.authors) instead of linalign.step.
+              sort-based step: a second ``LinearAligner(model, tokenizer,
+              step=linalign.baselines.authors_as_step)``.
   plain-fast, stacked-fast
               plain and stacked with fast=True: a static KV cache and, on CUDA, one decode
               step replayed as a CUDA graph. Default with --device cuda (--providers to
@@ -23,10 +26,21 @@ Providers, all in linalign's loop (``LinearAligner``), greedy, ratio 3, T 0.5, t
               kl mode (budget 1 nat) and with 2 and 3 principles (one forward of 3B and 4B
               rows per step); their ratios are against stacked (stacked-fast).
 Every row generates exactly --new-tokens tokens (end-of-sequence ignored), so all providers
-do the same work. tokens/s = B * new tokens / decode seconds (the prefill forward excluded);
-median over --repeats runs, the providers interleaved so that drift hits all alike. The
-ratios printed are against "plain" (the fast one against "plain-fast"); the goal is
+do the same work. tokens/s = B * new tokens / decode seconds (the prefill forward excluded;
+it is recorded as "prefill" rows); median and interquartile spread over --repeats runs
+(common.median_spread), the providers interleaved so that drift hits all alike. The ratios
+printed are against "plain" (the fast one against "plain-fast"); the goal is
 stacked / plain >= 0.9.
+
+The tokens are checked after timing (``token_checks``): every run of a provider gives the
+same tokens; plain and plain-fast give the same tokens, and so do stacked, two-caches and
+stacked-fast, and each variant and its -fast form. The authors' step is checked on the same
+logits as linalign's (``AuthorsCheck``: one more, untimed run in which every step also calls
+linalign.step): they must pick the same token wherever the row has no tie (aligned scores
+equal within fp32 rounding, tied principle logits, or a token at the top-p edge: there the
+authors' sort keeps one of the tied tokens and linalign keeps all); and its decoded tokens
+must equal two-caches' unless such a tie came up. A failed check is printed with its rows
+and positions, and the command then exits with status 1 (the rows are written anyway).
 
 CPU: the embedded SmolLM2-135M-Instruct (fp32), torch threads fixed (default 1), the chat
 prompts below. GPU (or --model random): Llama-shaped models with random bf16 weights
@@ -34,8 +48,6 @@ prompts below. GPU (or --model random): Llama-shaped models with random bf16 wei
 prompt ids of 64 to 128 tokens, the with-branch 24 tokens longer.
 """
 import argparse
-import csv
-import datetime
 import os
 import statistics
 import sys
@@ -46,9 +58,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import linalign  # noqa: E402
-from linalign.api import StepOutput  # noqa: E402
-from linalign.authors import authors_step  # noqa: E402
-from bench_step import RESULTS, device_name, versions  # noqa: E402
+from linalign.baselines import authors_as_step  # noqa: E402
+import common  # noqa: E402
 
 PROMPTS = [
     "How do I cook rice?",
@@ -62,59 +73,53 @@ PROMPTS = [
 ]
 PRINCIPLE = "Answer like a pirate."
 MORE_PRINCIPLES = ["Be brief.", "Use simple words."]  # the K = 2 and 3 variants
-SETTING = dict(ratio=3.0, temperature=0.5, top_p=0.8, greedy=True)
+SETTING = dict(ratio=3.0, temperature=0.5, top_p=0.8, greedy=True)  # explicit, not defaults
 PROVIDERS = ("plain", "stacked", "two-caches", "authors", "plain-fast", "stacked-fast")
 SLOW = PROVIDERS[:4]  # the CPU default
-VARIANTS = ("kl", "K2", "K3", "kl-fast", "K2-fast", "K3-fast")  # --variants (issue 6)
+VARIANTS = ("kl", "K2", "K3", "kl-fast", "K2-fast", "K3-fast")  # --variants
+SAME_TOKENS = (("plain", "plain-fast"), ("stacked", "two-caches", "stacked-fast"),
+               ("kl", "kl-fast"), ("K2", "K2-fast"), ("K3", "K3-fast"))
 SHORT = {"stacked/plain": "st/pl", "two-caches/plain": "2c/pl", "authors/plain": "au/pl",
          "stacked-fast/plain-fast": "sf/pf", "kl/stacked": "kl/st", "K2/stacked": "K2/st",
          "K3/stacked": "K3/st", "kl-fast/stacked-fast": "klf/sf",
          "K2-fast/stacked-fast": "K2f/sf", "K3-fast/stacked-fast": "K3f/sf"}
-FIELDS = ["op", "model", "B", "new_tokens", "provider", "tokens_per_s", "spread", "prefill_s",
-          "device", "threads", "versions", "date"]
 
 
-def authors_as_step(logits_p, logits_0, *, ratio, temperature, top_p, greedy, **_):
-    """The authors' step behind linalign.step's interface (tokens only)."""
-    B = logits_p.shape[0]
-    r = ratio if not isinstance(ratio, torch.Tensor) else ratio[:, None]
-    T = float(temperature[0]) if isinstance(temperature, torch.Tensor) else temperature
-    p = float(top_p[0]) if isinstance(top_p, torch.Tensor) else top_p
-    tokens = authors_step(logits_p, logits_0, ratio=r, temperature=T, top_p=p, greedy=greedy)
-    zeros = torch.zeros(B, dtype=torch.int32, device=logits_p.device)
-    return StepOutput(tokens, zeros.float(), zeros, zeros)
+def aligners(model, tokenizer):
+    """The loops the providers run: linalign's step, and the authors' step (two aligners
+    over the same model); end of sequence ignored, so every row does the same work."""
+    out = {"linalign": linalign.LinearAligner(model, tokenizer),
+           "authors": linalign.LinearAligner(model, tokenizer, step=authors_as_step)}
+    for aligner in out.values():
+        aligner.eos_ids = []
+    return out
 
 
-def run_provider(aligner, name, ids_with, ids_without, new_tokens):
-    """``ids_with``: the principle branches' rows, one list per principle (3 for the K
-    variants; the first is the one-principle branch)."""
-    aligner._step = authors_as_step if name == "authors" else linalign.step
-    fast = name.endswith("-fast")
-    kind = name.removesuffix("-fast")
+def run_provider(loops, name, ids_with, ids_without, new_tokens, aligner=None):
+    """One decoding run of provider ``name``. ``ids_with``: the principle branches' rows,
+    one list per principle (3 for the K variants; the first is the one-principle branch).
+    ``aligner``: run on this one instead of the provider's own (the authors' check)."""
+    aligner = aligner or loops["authors" if name == "authors" else "linalign"]
+    fast, kind = name.endswith("-fast"), name.removesuffix("-fast")
+    common_kw = dict(max_new_tokens=new_tokens, fast=fast, temperature=SETTING["temperature"],
+                     top_p=SETTING["top_p"], greedy=SETTING["greedy"])
     if kind in ("kl", "K2", "K3"):
         how = dict(kl_budget=1.0) if kind == "kl" else dict(ratio=SETTING["ratio"])
         withs = ids_with[0] if kind == "kl" else ids_with[:int(kind[1])]
-        result = aligner.generate_ids(withs, ids_without, max_new_tokens=new_tokens,
-                                      fast=fast, temperature=SETTING["temperature"],
-                                      top_p=SETTING["top_p"], greedy=True, **how)
-        assert all(len(r) == new_tokens for r in result.token_ids)
-        return result
-    ids_with = ids_with[0]
-    if name.startswith("plain"):
-        result = aligner.generate_plain_ids(ids_with, max_new_tokens=new_tokens,
-                                            temperature=SETTING["temperature"],
-                                            top_p=SETTING["top_p"], greedy=True, fast=fast)
+        result = aligner.generate_ids(withs, ids_without, **common_kw, **how)
+    elif kind == "plain":
+        result = aligner.generate_plain_ids(ids_with[0], **common_kw)
     else:
         mode = "two-caches" if name in ("two-caches", "authors") else "stacked"
-        result = aligner.generate_ids(ids_with, ids_without, max_new_tokens=new_tokens,
-                                      mode=mode, fast=fast, **SETTING)
-    aligner._step = linalign.step
+        result = aligner.generate_ids(ids_with[0], ids_without, mode=mode,
+                                      ratio=SETTING["ratio"], **common_kw)
     assert all(len(r) == new_tokens for r in result.token_ids)
     return result
 
 
 def ratios(med, providers):
-    """(label, value) of each provider against its baseline: plain, or plain-fast."""
+    """(label, value) of each provider against its baseline: plain, or plain-fast; the
+    variants against stacked, or stacked-fast."""
     out = []
     for p in providers:
         base = "plain-fast" if p == "stacked-fast" else "plain"
@@ -125,41 +130,162 @@ def ratios(med, providers):
     return out
 
 
-def measure(label, aligner, ids_with, ids_without, new_tokens, repeats, info,
-            providers=PROVIDERS):
-    B = len(ids_without)
+# ---------------------------------------------------------------------------- token checks
+def tie_reason(zp, z0, ours, theirs, r, T, top_p):
+    """Why linalign's step (token ``ours``) and the authors' (``theirs``) may pick different
+    tokens on one row of logits, or None when the row has no tie that explains it."""
+    zp, z0 = zp.double(), z0.double()
+    s = zp + r * (zp - z0)
+    tol = 4 * torch.finfo(torch.float32).eps * float(
+        ((1 + abs(r)) * zp[[ours, theirs]].abs() + abs(r) * z0[[ours, theirs]].abs()).max())
+    gap = float((s[ours] - s[theirs]).abs())
+    if gap <= tol:
+        return f"aligned scores equal within fp32 rounding ({gap:.2g})"
+    pi = torch.softmax(zp / T, -1)
+    pi32 = torch.softmax(zp.float() / T, -1)
+    for t in (ours, theirs):
+        above = float(pi[zp > zp[t]].sum())
+        if int((zp == zp[t]).sum()) > 1 and above < top_p:
+            return f"token {t}'s principle logit is tied with another token's"
+        if abs(above - top_p) <= 1e-4:
+            return f"token {t} is at the top-p edge (mass above it {above:.6f})"
+        if float(pi32[t]) == 0.0:
+            return f"token {t}'s fp32 principle probability underflows to 0"
+    return None
+
+
+def _row_value(x, row):
+    return float(x[row]) if isinstance(x, torch.Tensor) and x.dim() else float(x)
+
+
+class AuthorsCheck:
+    """A step for ``LinearAligner(..., step=)``: the authors' step, with linalign.step run on
+    the same logits at every call; rows where they pick different tokens are kept in
+    ``ties`` (explained by ``tie_reason``) or ``unexplained``."""
+
+    def __init__(self):
+        self.calls, self.rows, self.ties, self.unexplained = 0, 0, [], []
+
+    def __call__(self, logits_p, logits_0, **kw):
+        theirs = authors_as_step(logits_p, logits_0, **kw)
+        ours = linalign.step(logits_p, logits_0, **kw)
+        self.calls += 1
+        self.rows += logits_p.shape[0]
+        for row in (theirs.tokens != ours.tokens).nonzero().flatten().tolist():
+            a, b = int(ours.tokens[row]), int(theirs.tokens[row])
+            why = tie_reason(logits_p[row], logits_0[row], a, b, _row_value(kw["ratio"], row),
+                             _row_value(kw["temperature"], row), _row_value(kw["top_p"], row))
+            (self.ties if why else self.unexplained).append(
+                (self.calls, row, f"step {self.calls}, row {row}: linalign {a}, authors {b}"
+                 + (f" ({why})" if why else "")))
+        return theirs
+
+
+def first_difference(a, b):
+    """[(row, first position where the rows differ)] of two lists of token rows."""
+    out = [(i, next((t for t, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y))))
+           for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    return out + [(i, 0) for i in range(min(len(a), len(b)), max(len(a), len(b)))]
+
+
+def token_checks(tokens, check=None):
+    """[(ok, text)]: each provider's runs agree, the providers that compute the same tokens
+    do, and the authors' step (``check``, an AuthorsCheck run) differs from linalign's only
+    at ties. ``tokens``: provider -> the token rows of each of its runs."""
+    out = []
+    for name, runs in tokens.items():
+        bad = [d for run in runs[1:] for d in first_difference(runs[0], run)]
+        if bad:
+            out.append((False, f"{name}: its runs differ (row, position) {bad[:4]}"))
+    for group in SAME_TOKENS:
+        present = [p for p in group if p in tokens]
+        for p in present[1:]:
+            bad = first_difference(tokens[present[0]][0], tokens[p][0])
+            out.append((not bad, f"{p} = {present[0]}: " + (
+                f"all {len(tokens[p][0])} rows" if not bad else
+                f"rows differ (row, first position) {bad[:4]}")))
+    if "authors" in tokens:
+        out += _authors_checks(tokens, check)
+    return out
+
+
+def _authors_checks(tokens, check):
+    base = "two-caches" if "two-caches" in tokens else "stacked"
+    out = []
+    if check is not None:
+        ties = f"; {len(check.ties)} at ties: " + "; ".join(t for *_, t in check.ties[:3]) \
+            if check.ties else ""
+        out.append((not check.unexplained, f"authors' step on linalign's logits: "
+                    f"{check.rows - len(check.ties) - len(check.unexplained)} of {check.rows} "
+                    f"row-steps pick the same token{ties}" + "".join(
+                        f"; NOT A TIE: {t}" for *_, t in check.unexplained[:3])))
+    if base in tokens:
+        bad = first_difference(tokens[base][0], tokens["authors"][0])
+        explained = check is not None and bool(check.ties)
+        out.append((not bad or explained, f"authors = {base}: " + (
+            f"all {len(tokens[base][0])} rows" if not bad else
+            f"rows differ (row, first position) {bad[:4]}" +
+            (" after a tie" if explained else ""))))
+    return out
+
+
+# ---------------------------------------------------------------------------- measuring
+def _time_providers(loops, ids_with, ids_without, new_tokens, repeats, providers):
+    """Warm up, then ``repeats`` interleaved runs of every provider: (tokens/s, prefill
+    seconds, token rows), each a dict provider -> one entry per run."""
     for name in providers:  # warm-up: allocator, kernels, compiled paths
-        run_provider(aligner, name, [w[:1] for w in ids_with], ids_without[:1], 2)
+        run_provider(loops, name, [w[:1] for w in ids_with], ids_without[:1], 2)
         if name.endswith("-fast"):  # the measured shape: its static cache and CUDA graph
-            run_provider(aligner, name, ids_with, ids_without, new_tokens)
-    tps = {p: [] for p in providers}
-    prefill = {p: [] for p in providers}
+            run_provider(loops, name, ids_with, ids_without, new_tokens)
+    tps, prefill, tokens = ({p: [] for p in providers} for _ in range(3))
     for _ in range(repeats):
         for name in providers:
-            res = run_provider(aligner, name, ids_with, ids_without, new_tokens)
-            tps[name].append(B * new_tokens / res.decode_seconds)
+            res = run_provider(loops, name, ids_with, ids_without, new_tokens)
+            tps[name].append(len(ids_without) * new_tokens / res.decode_seconds)
             prefill[name].append(res.prefill_seconds)
-    rows = []
-    med = {p: statistics.median(v) for p, v in tps.items()}
+            tokens[name].append(res.token_ids)
+    return tps, prefill, tokens
+
+
+def measure(label, loops, ids_with, ids_without, new_tokens, repeats, info,
+            providers=PROVIDERS):
+    """Time every provider on one batch, then check their tokens: (Results, checks)."""
+    tps, prefill, tokens = _time_providers(loops, ids_with, ids_without, new_tokens, repeats,
+                                           providers)
+    check = None
+    if "authors" in providers:  # untimed: the authors' step against linalign's, same logits
+        check = AuthorsCheck()
+        model, tokenizer = loops["authors"].model, loops["authors"].tokenizer
+        checked = linalign.LinearAligner(model, tokenizer, step=check)
+        checked.eos_ids = []
+        run_provider(loops, "authors", ids_with, ids_without, new_tokens, aligner=checked)
+    dtype = str(next(loops["linalign"].model.parameters()).dtype).replace("torch.", "")
+    case = dict(model=label, B=len(ids_without), new_tokens=new_tokens, dtype=dtype,
+                repeats=repeats)
+    results, med = [], {}
     for name in providers:
-        spread = max(tps[name]) - min(tps[name])
-        rows.append(dict(op="decode", model=label, B=B, new_tokens=new_tokens, provider=name,
-                         tokens_per_s=f"{med[name]:.2f}", spread=f"{spread:.2f}",
-                         prefill_s=f"{statistics.median(prefill[name]):.4f}", **info))
-    print(f"{label:>10} {B:>3} " + " ".join(f"{med[p]:>12.1f}" for p in providers) + "   " +
-          " ".join(f"{r:>6.2f}" for _, r in ratios(med, providers)))
+        m, s = common.median_spread(tps[name])
+        med[name] = m
+        results.append(common.make_result("decode", case, name, m, s, info))
+        results.append(common.make_result("prefill", case, name,
+                                          *common.median_spread(prefill[name]), info))
+    print(f"{label:>10} {len(ids_without):>3} " + " ".join(f"{med[p]:>12.1f}" for p in providers)
+          + "   " + " ".join(f"{r:>6.2f}" for _, r in ratios(med, providers)))
+    checks = token_checks(tokens, check)
+    for ok, text in checks:
+        print(f"#   tokens {'ok' if ok else 'FAILED'}: {text}")
     sys.stdout.flush()
-    return rows
+    return results, checks
 
 
 def smollm2_cases(args):
     model, tokenizer = linalign.load_default_model()
-    aligner = linalign.LinearAligner(model, tokenizer)
-    aligner.eos_ids = []  # fixed length: every provider does the same work
+    loops = aligners(model, tokenizer)
     for B in args.batch:
         prompts = (PROMPTS * B)[:B]
-        withs, ids_without = aligner.branches(prompts, [[PRINCIPLE, *MORE_PRINCIPLES]] * B)
-        yield "smollm2", aligner, withs, ids_without
+        withs, ids_without = loops["linalign"].branches(prompts,
+                                                        [[PRINCIPLE, *MORE_PRINCIPLES]] * B)
+        yield "smollm2", loops, withs, ids_without
 
 
 def random_cases(args):
@@ -167,8 +293,7 @@ def random_cases(args):
 
     for shape in args.shapes:
         model = random_llama(shape, device=args.device, dtype=getattr(torch, args.dtype))
-        aligner = linalign.LinearAligner(model, ByteTokenizer())
-        aligner.eos_ids = []
+        loops = aligners(model, ByteTokenizer())
         V = model.config.vocab_size
         g = torch.Generator().manual_seed(0)
         for B in args.batch:
@@ -176,47 +301,51 @@ def random_cases(args):
             ids_without = [torch.randint(300, V, (n,), generator=g).tolist() for n in lengths]
             principles = [torch.randint(300, V, (24,), generator=g).tolist() for _ in range(3)]
             withs = [[pr + r for r in ids_without] for pr in principles]
-            yield f"llama-{shape}", aligner, withs, ids_without
-        del model, aligner
+            yield f"llama-{shape}", loops, withs, ids_without
+        del model, loops
         if args.device == "cuda":
             torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------- forward cost
+def _forward_ms(model, cache_kw, R, pad, L=60, steps=30):
+    """Median ms of one cached decode forward of R rows (rows 1.. left-padded by ``pad``)."""
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(R)
+    ids = torch.randint(100, 40000, (R, L), generator=g)
+    mask = torch.ones(R, L + steps, dtype=torch.long)
+    mask[1:, :pad] = 0
+    pos = (mask[:, :L].cumsum(-1) - 1).clamp(min=0)
+    kw = {cache_kw: DynamicCache()}
+    times = []
+    with torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask[:, :L], position_ids=pos, logits_to_keep=1,
+              **kw)
+        nxt = pos[:, -1:] + 1
+        for t in range(steps):
+            t0 = time.perf_counter()
+            model(input_ids=ids[:, -1:], attention_mask=mask[:, :L + t + 1], position_ids=nxt,
+                  logits_to_keep=1, **kw)
+            times.append(time.perf_counter() - t0)
+            nxt = nxt + 1
+    return statistics.median(times) * 1e3
 
 
 def forward_cost(args):
     """Why stacking costs on a CPU: one decode forward of the embedded model for R rows,
     without and with left padding (rows 1.. padded by 10 of 60 prompt positions), median
     step time over 30 cached steps, median of 3 interleaved runs; and one 576 x 1536 linear
-    layer for 1 and 2 rows (BLAS matrix-vector against matrix-matrix)."""
-    from transformers import DynamicCache
+    layer for 1 and 2 rows (BLAS matrix-vector against matrix-matrix). Printed only."""
+    from linalign.decoding import ModelCall
 
-    model, tokenizer = linalign.load_default_model()
-    cache_name = linalign.LinearAligner(model, tokenizer)._cache_kw  # cache / past_key_values
-
-    def one(R, pad, L=60, steps=30):
-        g = torch.Generator().manual_seed(R)
-        ids = torch.randint(100, 40000, (R, L), generator=g)
-        mask = torch.ones(R, L + steps, dtype=torch.long)
-        mask[1:, :pad] = 0
-        pos = (mask[:, :L].cumsum(-1) - 1).clamp(min=0)
-        cache_kw = {cache_name: DynamicCache()}
-        times = []
-        with torch.inference_mode():
-            model(input_ids=ids, attention_mask=mask[:, :L], position_ids=pos,
-                  logits_to_keep=1, **cache_kw)
-            nxt = pos[:, -1:] + 1
-            for t in range(steps):
-                t0 = time.perf_counter()
-                model(input_ids=ids[:, -1:], attention_mask=mask[:, :L + t + 1],
-                      position_ids=nxt, logits_to_keep=1, **cache_kw)
-                times.append(time.perf_counter() - t0)
-                nxt = nxt + 1
-        return statistics.median(times) * 1e3
-
+    model, _ = linalign.load_default_model()
+    cache_kw = ModelCall.of(model).cache_kw  # "cache" or "past_key_values"
     cases = [(1, 0), (2, 0), (2, 10), (8, 0), (8, 10), (16, 0), (16, 10)]
     runs = {c: [] for c in cases}
     for _ in range(3):
         for c in cases:
-            runs[c].append(one(*c))
+            runs[c].append(_forward_ms(model, cache_kw, *c))
     print(f"# decode forward of SmolLM2-135M, {args.threads} thread(s), median ms")
     for (R, pad), v in runs.items():
         print(f"rows {R:>2}  {'padded' if pad else 'no pad':>7}  {statistics.median(v):7.1f} ms")
@@ -228,28 +357,40 @@ def forward_cost(args):
             print(f"linear 576x1536, {R} row(s): {best * 1e6:.0f} us")
 
 
-def report(csv_path):
-    with open(csv_path) as f:
-        every = list(csv.DictReader(f))
-    latest = max(r["date"] for r in every)
-    rows = [r for r in every if r["date"] == latest]
-    print(f"{rows[0]['device']}, {rows[0]['threads']} thread(s), {rows[0]['versions']}, "
-          f"{latest}; tokens/s (median), {rows[0]['new_tokens']} new tokens per row\n")
+# ---------------------------------------------------------------------------- report
+def report(path):
+    return "\n\n".join(report_blocks(path))
+
+
+def report_blocks(path):
+    """The Markdown table of a results CSV's latest decoding run, as the README shows it
+    (a list of one string): a caption naming the file, the date and the commit, then per
+    (model, B) each provider's median tokens/s and its ratio to its baseline."""
+    results = common.read_results(path, bench="decode")
+    if not results:
+        raise SystemExit(f"{path}: no decode rows")
+    (run,) = common.latest_runs(results)
     cells = {}
-    for r in rows:
-        cells.setdefault((r["model"], int(r["B"])), {})[r["provider"]] = float(r["tokens_per_s"])
+    for r in run:
+        model = r.case["model"] + (f" ({r.case['dtype']})" if "dtype" in r.case else "")
+        cells.setdefault((model, int(r.case["B"])), {})[r.provider] = r.median
     providers = [p for p in PROVIDERS + VARIANTS if any(p in med for med in cells.values())]
     labels = [lab for lab, _ in ratios({p: 1.0 for p in providers}, providers)]
-    print("| model | B | " + " | ".join(providers) + " | " +
-          " | ".join(lab.replace("/", " / ") for lab in labels) + " |")
-    print("|---" * (2 + len(providers) + len(labels)) + "|")
-    for (model, B), med in cells.items():
-        print(f"| {model} | {B} | " + " | ".join(f"{med[p]:.1f}" if p in med else "-"
-                                                for p in providers) + " | " +
-              " | ".join(f"{r:.2f}" for _, r in ratios(med, providers)) + " |")
+    header = ["model", "B", *providers, *(lab.replace("/", " / ") for lab in labels)]
+    lines = [[model, B, *(f"{med[p]:.1f}" if p in med else "-" for p in providers),
+              *(f"{v:.2f}" for _, v in ratios(med, providers))]
+             for (model, B), med in cells.items()]
+    c = run[0].case
+    runs = {"": "median of the runs", "1": "one run"}.get(c.get("repeats", ""),
+                                                        f"median of {c.get('repeats')} runs")
+    what = (f"Tokens/s ({runs}) of one decoding loop, greedy, ratio {SETTING['ratio']:g}, "
+            f"T {SETTING['temperature']}, top-p {SETTING['top_p']}, {c['new_tokens']} new "
+            "tokens per row.")
+    return [common.caption(path, run, what) + "\n\n" + common.markdown_table(header, lines)]
 
 
-def main(argv=None):
+# ---------------------------------------------------------------------------- command
+def parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -272,22 +413,14 @@ def main(argv=None):
                     "to the providers, with their cost against stacked")
     ap.add_argument("--out", default=None, help="CSV to append to (default: "
                     "benchmarks/results/decode_<device>.csv)")
-    ap.add_argument("--report", metavar="CSV", help="print the latest run as markdown")
+    ap.add_argument("--report", metavar="CSV", help="print the Markdown table of the latest "
+                    "run in CSV (as the README shows it) and exit")
     ap.add_argument("--forward-cost", action="store_true", help="time the embedded model's "
                     "decode forward for 1 to 16 rows, with and without padding, and exit")
-    args = ap.parse_args(argv)
-    if args.report:
-        return report(args.report)
-    if args.forward_cost:
-        torch.set_num_threads(args.threads)
-        return forward_cost(args)
-    args.batch = [int(b) for b in args.batch.split(",")]
-    args.shapes = args.shapes.split(",")
-    repeats = args.repeats or (3 if args.device == "cpu" else 5)
-    if args.quick:
-        args.batch, args.new_tokens, repeats = [1], 16, 1
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    return ap
+
+
+def chosen_providers(ap, args, device):
     providers = tuple(args.providers.split(",")) if args.providers else \
         (PROVIDERS if device.type == "cuda" else SLOW)
     if args.variants:
@@ -301,10 +434,27 @@ def main(argv=None):
         ap.error("--providers: stacked-fast needs plain-fast (its baseline)")
     if any(v in providers for v in VARIANTS) and "stacked" not in providers:
         ap.error("--providers: kl, K2, K3 need stacked (their baseline)")
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    info = dict(device=device_name(device), threads=args.threads, versions=versions(),
-                date=stamp)
-    print(f"# {info['device']}, {args.threads} torch thread(s), {info['versions']}")
+    return providers
+
+
+def main(argv=None):
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.report:
+        return print(report(args.report))
+    torch.set_num_threads(args.threads)
+    if args.forward_cost:
+        return forward_cost(args)
+    args.batch = [int(b) for b in args.batch.split(",")]
+    args.shapes = args.shapes.split(",")
+    repeats = args.repeats or (3 if args.device == "cpu" else 5)
+    if args.quick:
+        args.batch, args.new_tokens, repeats = [1], 16, 1
+    device = torch.device(args.device)
+    providers = chosen_providers(ap, args, device)
+    info = common.run_info(device, args.threads)
+    print(f"# {info['device']}, {args.threads} torch thread(s), {info['versions']}, "
+          f"commit {info['commit']}")
     print(f"# tokens/s, median of {repeats}, {args.new_tokens} new tokens per row")
     print(f"{'model':>10} {'B':>3} " + " ".join(f"{p:>12}" for p in providers) + "   " +
           " ".join(f"{SHORT[lab]:>6}" for lab, _ in
@@ -312,36 +462,76 @@ def main(argv=None):
     args.model = args.model or ("smollm2" if device.type == "cpu" else "random")
     args.dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
     cases = smollm2_cases(args) if args.model == "smollm2" else random_cases(args)
-    out = args.out or os.path.join(RESULTS, f"decode_{device.type}.csv")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    new = not os.path.exists(out)
-    n = 0
-    with open(out, "a", newline="") as f:  # rows written as measured: a cut run keeps them
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        for label, aligner, ids_with, ids_without in cases:
-            rows = measure(label, aligner, ids_with, ids_without, args.new_tokens, repeats,
-                           info, providers)
-            w.writerows(rows)
-            f.flush()
-            n += len(rows)
-    print(f"# {n} rows appended to {out}")
+    out = args.out or os.path.join(common.RESULTS, f"decode_{device.type}.csv")
+    n, failed = 0, 0
+    for label, loops, ids_with, ids_without in cases:
+        results, checks = measure(label, loops, ids_with, ids_without, args.new_tokens,
+                                  repeats, info, providers)
+        common.write_results(out, results)  # as measured: a cut run keeps its rows
+        n += len(results)
+        failed += sum(not ok for ok, _ in checks)
+    print(f"# {n} rows appended to {out}" + (f"; {failed} token check(s) FAILED" if failed
+                                             else "; every token check passed"))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
 
 
-# ---- pytest entry point: the harness runs (tiny random model, CPU, a few tokens) ----
-def test_decode_benchmark_harness():
+# ---- pytest entry points: the harness on a tiny random model (CPU, a few tokens) ----
+def _tiny_run(providers, repeats=2, new_tokens=4):
     from linalign.testing import ByteTokenizer, random_llama
 
     torch.set_num_threads(1)
-    aligner = linalign.LinearAligner(random_llama("tiny", logit_std=1.5), ByteTokenizer())
-    aligner.eos_ids = []
-    withs, ids_without = aligner.branches(PROMPTS[:2], [[PRINCIPLE, *MORE_PRINCIPLES]] * 2)
-    rows = measure("tiny", aligner, withs, ids_without, 4, 1, dict(
-        device="cpu", threads=1, versions=versions(), date="test"), PROVIDERS + VARIANTS[:3])
-    assert [r["provider"] for r in rows] == list(PROVIDERS + VARIANTS[:3])
-    assert all(float(r["tokens_per_s"]) > 0 for r in rows)
+    loops = aligners(random_llama("tiny", logit_std=1.5), ByteTokenizer())
+    withs, ids_without = loops["linalign"].branches(PROMPTS[:2],
+                                                    [[PRINCIPLE, *MORE_PRINCIPLES]] * 2)
+    info = common.run_info(torch.device("cpu"), 1)
+    return measure("tiny", loops, withs, ids_without, new_tokens, repeats, info, providers)
+
+
+def test_decode_benchmark_harness(tmp_path):
+    """Every provider and variant on a tiny model: the token checks pass (each ratio's two
+    sides did the same work, and the providers that compute the same tokens gave the same
+    tokens), and the rows read back equal through the one reader and show in the report."""
+    providers = PROVIDERS + VARIANTS
+    results, checks = _tiny_run(providers)
+    assert all(ok for ok, _ in checks), checks
+    texts = " | ".join(text for _, text in checks)
+    for p in ("plain-fast = plain", "two-caches = stacked", "stacked-fast = stacked",
+              "kl-fast = kl", "K2-fast = K2", "K3-fast = K3", "authors = two-caches: all 2 rows",
+              "authors' step on linalign's logits: 8 of 8 row-steps"):
+        assert p in texts
+    decode = [r for r in results if r.bench == "decode"]
+    assert [r.provider for r in decode] == list(providers)
+    assert all(r.median > 0 and r.spread >= 0 and r.unit == "tokens/s" and
+               r.case == dict(model="tiny", B="2", new_tokens="4", dtype="float32",
+                              repeats="2") for r in decode)
+    out = tmp_path / "decode.csv"
+    common.write_results(out, results)
+    assert common.read_results(out) == results
+    text = report(out)
+    for r in decode:
+        assert f" {r.median:.1f} " in text
+
+
+def test_token_checks_name_the_difference():
+    same = [[1, 2, 3], [4, 5, 6]]
+    checks = token_checks({"stacked": [same], "two-caches": [[[1, 2, 3], [4, 9, 6]]],
+                           "plain": [same, [[1, 2, 3], [4, 5, 7]]]})
+    assert (False, "plain: its runs differ (row, position) [(1, 2)]") in checks
+    assert (False, "two-caches = stacked: rows differ (row, first position) [(1, 1)]") in checks
+
+
+def test_authors_check_explains_a_tie_at_the_top_p_edge():
+    """Tokens 1 and 2 tie in the principle branch at the nucleus edge: linalign keeps both,
+    the authors' sort keeps one. Whichever it keeps, one of the two rows makes the steps
+    pick different tokens, and the check calls it a tie, not a failure."""
+    zp = torch.tensor([[2.0, 1.0, 1.0, -5.0]] * 2)
+    z0 = torch.tensor([[2.0, 1.0, -3.0, 0.0], [2.0, -3.0, 1.0, 0.0]])
+    check = AuthorsCheck()
+    check(zp, z0, ratio=torch.tensor([3.0, 3.0]), temperature=torch.tensor([1.0, 1.0]),
+          top_p=torch.tensor([0.7, 0.7]), greedy=True)
+    assert len(check.ties) == 1 and not check.unexplained
+    assert "tied" in check.ties[0][2]

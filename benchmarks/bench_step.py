@@ -372,16 +372,16 @@ def step_table(path, run):
                       ([_ratio(med.get("triton-graph"), floor)]
                        if "triton-graph" in names else []) +
                       [_ratio(med.get(a), med.get(b)) for a, b in ratios]))
-    what = (f"One step, median {'microseconds' if gpu else 'milliseconds'}; ratio "
-            f"{SETTING['ratio']:g}, T = {SETTING['temperature']}, top_p = {SETTING['top_p']}; "
+    what = (f"{'Microseconds' if gpu else 'Milliseconds'} per step (median); ratio "
+            f"{SETTING['ratio']:g}, T {SETTING['temperature']}, top-p {SETTING['top_p']}; "
             f"rows {run[0].case['rows']}" + (f", {dtypes[0]}" if len(dtypes) == 1 else "") +
-            ("; floor = 2 B V bytes / 3.0 TB/s." if gpu else "."))
+            ("; floor 2 B V bytes / 3.0 TB/s." if gpu else "."))
     return common.caption(path, run, what) + "\n\n" + common.markdown_table(header, lines)
 
 
 def variants_table(path, run):
     """A --variants run: per (B, V, mode, provider) the step's median in each variant and
-    its ratio to K = 1."""
+    its ratio to K1 (one principle, a fixed ratio)."""
     gpu = any(r.provider.startswith("triton") for r in run)
     unit, scale = ("us", 1e3) if gpu else ("ms", 1.0)
     cells = {}
@@ -395,23 +395,28 @@ def variants_table(path, run):
     lines = [[B, V, mode, prov] + [fmt(med[v]) if v in med else "-" for v in VARIANTS] +
              [_ratio(med.get(v), med.get("K1"), 2, "") for v in VARIANTS[1:]]
              for (B, V, mode, _, prov), med in sorted(cells.items())]
-    what = (f"One step in kl mode (budget 1 nat) and with K = 2, 3 principles (ratio "
-            f"{SETTING['ratio']:g} each) against K = 1; T = {SETTING['temperature']}, top_p = "
-            f"{SETTING['top_p']}, median {'microseconds' if gpu else 'milliseconds'}; rows "
+    what = (f"One step in kl mode (kl: budget 1 nat) and with 2 and 3 principles (K2, K3: "
+            f"ratio {SETTING['ratio']:g} each) against one principle (K1); T "
+            f"{SETTING['temperature']}, top-p {SETTING['top_p']}; "
+            f"{'microseconds' if gpu else 'milliseconds'} per step (median); rows "
             f"{run[0].case['rows']}, {run[0].case['dtype']}.")
     return common.caption(path, run, what) + "\n\n" + common.markdown_table(header, lines)
 
 
-def report(path):
+def report_blocks(path):
     """The Markdown tables of a results CSV's step rows, as the README shows them: the
     latest run of each kind (rows drawn alike, --variants or not), each under a caption
-    naming the file, the date and the commit."""
+    naming the file, the date and the commit. One string (caption and table) per run."""
     results = common.read_results(path, bench="step")
     if not results:
         raise SystemExit(f"{path}: no step rows")
     runs = common.latest_runs(results, kind=lambda r: (r.case["rows"], "variant" in r.case))
-    return "\n\n".join(variants_table(path, run) if "variant" in run[0].case
-                       else step_table(path, run) for run in runs)
+    return [variants_table(path, run) if "variant" in run[0].case else step_table(path, run)
+            for run in runs]
+
+
+def report(path):
+    return "\n\n".join(report_blocks(path))
 
 
 # ---------------------------------------------------------------------------- other modes
