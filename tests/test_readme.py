@@ -1,6 +1,8 @@
-"""The README's Python examples run as written, and its commands are the ones CI runs."""
+"""The README's Python examples run as written, its commands are the ones CI runs, and its
+benchmark tables are what the benchmarks' --report prints from their results files."""
 import pathlib
 import re
+import sys
 
 import torch
 
@@ -50,3 +52,45 @@ def test_ci_runs_the_readme_commands():
     assert len(commands) == 3
     for command in commands:
         assert command in ci.splitlines(), f"README command not run by .ci/run: {command}"
+
+
+def _section(title):
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def _report_blocks():
+    """Every table the benchmarks' --report prints from benchmarks/results/, with its
+    caption (the line naming the results file, the date and the commit)."""
+    bench = ROOT / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        import bench_decode
+        import bench_step
+    finally:
+        sys.path.remove(str(bench))
+    blocks = []
+    for path in sorted((bench / "results").glob("step_*.csv")):
+        blocks += bench_step.report_blocks(path)
+    for path in sorted((bench / "results").glob("decode_*.csv")):
+        blocks += bench_decode.report_blocks(path)
+    return blocks
+
+
+def test_benchmark_tables_are_what_report_prints():
+    """Each table of the README's benchmark sections, with the caption above it, is exactly
+    a table that `bench_step.py --report FILE` or `bench_decode.py --report FILE` prints
+    from the results file the caption names: a figure cannot drift from its file."""
+    blocks = _report_blocks()
+    shown = 0
+    for title in ("Step benchmark", "Decoding benchmark"):
+        paragraphs = _section(title).split("\n\n")
+        for i, par in enumerate(paragraphs):
+            if par.startswith("|"):
+                block = paragraphs[i - 1] + "\n\n" + par
+                assert block in blocks, f"README, {title}: this table is not what --report " \
+                    f"prints:\n{block}"
+                shown += 1
+    assert shown == 10
