@@ -18,6 +18,7 @@ import dataclasses
 
 from .cli_args import (CommandError, add_model_arguments, add_sampling_arguments,
                        check_model_path, load_aligner, sampling_params)
+from .decoding import BadLogitsError
 from .options import DEFAULT_RATIO
 
 
@@ -129,7 +130,8 @@ def main(argv=None) -> int:
     except ValueError as e:  # bad values found past the parser, a model that does not load
         print(f"linalign: error: {e}", file=sys.stderr)
         return 2
-    except MemoryError as e:  # BatchTooLargeError: the message says what to lower
+    except (MemoryError, BadLogitsError) as e:  # out of memory (the message says what to
+        # lower); a model whose logits are NaN or +inf (the message names the rows)
         print(f"linalign: error: {str(e).splitlines()[0] if str(e) else 'out of memory'}",
               file=sys.stderr)
         return 1

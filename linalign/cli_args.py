@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .options import DEFAULT_RATIO, INT_RULES, SamplingParams, as_fp32, rule_of
+from .options import DEFAULT_RATIO, INT_RULES, SamplingParams, rule_of
 
 #: ``--model`` value that builds the tiny random Llama of ``linalign.testing`` with its byte
 #: tokenizer (no download, gibberish output): for tests of the commands.
@@ -39,9 +39,7 @@ def number(name: str):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
         if not bound.number_ok(value):
-            note = "" if as_fp32(value) == value or value != value else \
-                f" ({as_fp32(value):g} in fp32)"
-            raise argparse.ArgumentTypeError(f"expected {bound.words}; got {text}{note}")
+            raise argparse.ArgumentTypeError(f"must be {bound.refusal(value)}")
         return value
     return parse
 
@@ -81,7 +79,8 @@ def add_sampling_arguments(parser, *, options=SAMPLING_OPTIONS, max_new_tokens=N
         g.add_argument("--ratio", type=number("ratio"), action="append", default=None,
                        help=f"how far past the principle branch to push (default "
                        f"{DEFAULT_RATIO:g}, from the evaluation: docs/decoder.md); once for "
-                       "every principle, or once per --principle")
+                       "every principle, or once per principle" +
+                       (" (for lines with that many principles)" if for_lines else ""))
     if "kl_budget" in options:
         g.add_argument("--kl-budget", type=number("kl_budget"), default=None, metavar="EPS",
                        help="instead of --ratio: kl mode, a ratio per token that moves the "
@@ -106,8 +105,10 @@ def add_sampling_arguments(parser, *, options=SAMPLING_OPTIONS, max_new_tokens=N
                        default=_DEFAULTS.max_new_tokens if max_new_tokens is None
                        else max_new_tokens, help="default %(default)s")
     if "seed" in options:
+        what = "base of the rows' sampling seeds (each mixed with the row's id)" \
+            if for_lines else "seed for --sample"
         g.add_argument("--seed", type=integer(name="seed"), default=seed,
-                       help="seed for --sample (default: " +
+                       help=f"{what} (default: " +
                        ("a fresh one)" if seed is None else "%(default)s)"))
     return g
 

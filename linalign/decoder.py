@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 
+from .api import resolve_backend
 from .api import step as linalign_step
 from .caches import FAST_SESSIONS, DynamicCaches, StaticGraph
 from .decoding import Decoded, ModelCall, decode
@@ -23,6 +24,7 @@ from .models import eos_token_ids
 from .options import SamplingParams
 from .prompts import ChatFormat, decode_text, id_rows
 from .streaming import feed_streamer, run_to_end, stream_text
+from .triton_backend import check_device
 
 MODES = ("stacked", "two-caches")
 
@@ -223,6 +225,8 @@ class LinearAligner:
                 raise ValueError(f'fast=True runs the stacked loop (mode="stacked") only; '
                                  f'got mode={mode!r}')
             StaticGraph.check(self.call)
+        if resolve_backend(backend, self.device) == "triton":
+            check_device(self.device)
         self.call.check_length(groups, rp.max_new_tokens)
         cache = self.static if fast else DynamicCaches(stacked=mode == "stacked")
         steps = decode(self.call, groups, rp, cache=cache, step=self.step, pad_id=self.pad_id,

@@ -50,12 +50,20 @@ class Bound:
     def number_ok(self, x: float) -> bool:
         """For a Python number, judged at fp32 (what the step computes with): 1e39 is not
         a finite ratio and 1e-50 is not a top_p above 0."""
-        x = as_fp32(x)
+        return self.exact_ok(as_fp32(x))
+
+    def exact_ok(self, x: float) -> bool:
+        """The test on ``x`` as it is (no rounding)."""
         if not math.isfinite(x):
             return False
         if self.lo is not None and (x < self.lo or (self.lo_open and x == self.lo)):
             return False
         return self.hi is None or x <= self.hi
+
+    def refusal(self, x: float) -> str:
+        """Why ``x`` is refused: the bound, and the fp32 value when rounding is the cause."""
+        note = f" ({as_fp32(x):g} in fp32, the step's arithmetic)" if self.exact_ok(x) else ""
+        return f"{self.words}; got {x}{note}"
 
     def tensor_ok(self, t):
         """The same test, elementwise, on an fp32 tensor: a bool tensor."""
@@ -96,10 +104,7 @@ def check_number(name: str, x, what: str = "a number or a [B] tensor") -> float:
         raise ValueError(f"{name} must be {rule_of(name).words}; got {x}") from None
     bound = rule_of(name)
     if not bound.number_ok(x):
-        rounded = as_fp32(x)
-        note = "" if rounded == x or math.isnan(x) else f" ({rounded:g} in fp32, the step's " \
-            "arithmetic)"
-        raise ValueError(f"{name} must be {bound.words}; got {x}{note}")
+        raise ValueError(f"{name} must be {bound.refusal(x)}")
     return x
 
 
@@ -212,7 +217,7 @@ def per_row(name: str, value, B: int, cast=float) -> list:
 
 
 def _cast(name, v, cast):
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if isinstance(v, bool) or not isinstance(v, int if cast is int else (int, float)):
         kind = "an int" if cast is int else "a number"
         raise TypeError(f"{name} must be {kind} or one per prompt; got {v!r} "
                         f"({type(v).__name__})")

@@ -29,7 +29,8 @@ def load_kernels():
     return k
 
 
-def _check_device(device):
+def check_device(device):
+    """``ValueError`` unless the kernels can run on ``device`` here."""
     if device.type != "cuda" and not load_kernels().INTERPRETED:
         raise ValueError("the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set "
                          "before linalign.kernels is first imported (to run on the CPU "
@@ -52,7 +53,7 @@ def one_principle(zp, z0, ratio, temperature, top_p, *, greedy, generator, seed,
 
 def run(args: StepArgs) -> StepOutput:
     """The step on checked arguments (every mode); ``ratio`` of the output is [K, B]."""
-    _check_device(args.device)
+    check_device(args.device)
     kw = dict(greedy=args.greedy, generator=args.generator, seed=args.seed,
               offset=args.offset)
     if args.K == 1:

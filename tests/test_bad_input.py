@@ -337,6 +337,22 @@ def test_command_model_load_error_is_one_line(command, capsys, monkeypatch):
                                       "/m: broken"
 
 
+def test_command_nan_logits_are_one_line(command, capsys, model, monkeypatch):
+    """A model whose logits turn NaN: exit code 1 and one line naming the rows, no
+    traceback (the decoder's BadLogitsError)."""
+    real = model.forward
+
+    def forward(*a, **k):
+        out = real(*a, **k)
+        out.logits[..., 5] = float("nan")
+        return out
+    monkeypatch.setattr(model, "forward", forward)
+    rc, out, err = _main(capsys, "hi", "--principle", "x", "--max-new-tokens", "4")
+    assert rc == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "NaN or +inf logits" in lines[0] and "rows [0]" in lines[0]
+
+
 def test_command_out_of_memory_is_one_line(command, capsys, model, monkeypatch):
     _failing_forward(model, monkeypatch, OOMS[0])
     rc, out, err = _main(capsys, "hi", "--principle", "x", "--max-new-tokens", "4")

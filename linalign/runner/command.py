@@ -15,6 +15,7 @@ from pathlib import Path
 from ..cli_args import (CommandError, add_model_arguments, add_sampling_arguments,
                         check_model_path, integer, load_aligner, resolve_device,
                         sampling_params)
+from ..decoding import BadLogitsError
 from .batches import decode_jobs
 from .jobs import RunOptions, Settings, defaults_problem, resolve
 from .lines import read_input
@@ -206,7 +207,7 @@ def run_command(args) -> int:
         if dist.rank == 0 or not isinstance(e, CommandError):
             log(f"error: {e}")
         return 2
-    except MemoryError as e:
+    except (MemoryError, BadLogitsError) as e:  # out of memory; a model giving NaN logits
         log(f"error: {str(e).splitlines()[0] if str(e) else 'out of memory'}")
         return 1
     except KeyboardInterrupt:

@@ -74,6 +74,12 @@ class Distributed:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def barrier(self):
+        """Wait until every rank is here."""
+        import torch.distributed as dist
+
+        dist.barrier()
+
     def close(self):
         if self.on:
             import torch.distributed as dist
@@ -114,4 +120,8 @@ def gather_and_merge(dist: Distributed, output, own: Path, rows, log) -> int:
     ok = dist.broadcast(ok)
     if ok:
         own.unlink(missing_ok=True)
+    # Tear down in order: no rank leaves (and destroys its end of the process group) while
+    # another is still inside a collective; an early leaver made rank 0 abort at exit
+    # ("terminate called without an active exception") after a complete merge.
+    dist.barrier()
     return 0 if ok else 1
