@@ -4,7 +4,9 @@
 # captured in a CUDA graph, against the authors' eager step), the CUDA-graph / no-sync tests,
 # the decode benchmark on the 1B shape (plain and Linear Alignment, eager and fast=True),
 # then the kernel's tests against the reference. Same stage/caps/status.txt conventions as
-# gpu_suite.sh (the full run). Usage: bash benchmarks/gpu_quick.sh OUTDIR
+# gpu_suite.sh (the full run); the CSVs are in the one results schema
+# (benchmarks/common.py), and `python benchmarks/bench_step.py --report OUTDIR/step_cuda.csv`
+# (bench_decode.py for decode_cuda.csv) prints their tables. Usage: bash benchmarks/gpu_quick.sh OUTDIR
 set -u
 out=${1:?usage: bash benchmarks/gpu_quick.sh OUTDIR}
 source "$(dirname "$0")/gpu_stages.sh"

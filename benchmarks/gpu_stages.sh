@@ -1,4 +1,4 @@
-# Sourced by gpu_suite.sh and gpu_quick.sh: `stage NAME SECONDS COMMAND...` runs a command
+# Sourced by gpu_suite.sh, gpu_quick.sh and gpu_variants.sh: `stage NAME SECONDS COMMAND...` runs a command
 # under a time cap, logs it to $out/NAME.log, appends "NAME exit-code" to $out/status.txt
 # (124: the cap was hit) and prints the log's tail. Needs $out set.
 mkdir -p "$out"

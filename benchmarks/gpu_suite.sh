@@ -3,12 +3,16 @@
 # decoding loop on the GPU), benchmark decoding (random-weight Llama 1B and 8B shapes, bf16)
 # and the step (bench_step.py --grid: B x V x bf16/fp32 x greedy/sample, triton against the
 # authors' step, the compiled reference and the torch path, OUTDIR/step_cuda.csv), plot it
-# (OUTDIR/step_cuda.png) and print its summary table last (triton against the bandwidth
-# floor and the baselines). Every stage runs even if an earlier one failed, each under a
-# time cap; exit codes are in OUTDIR/status.txt (124: the cap was hit). On an H100 on
-# 2026-11-26 the tests took about 2.3 minutes and the decode stage (then 4 providers, 3
-# repeats of 64 tokens) 2.5; the decode stage now runs 6 providers (eager and fast=True),
-# 2 repeats of 32 tokens; the step grid stops starting new cells after 100 s (--time-limit).
+# (OUTDIR/step_cuda.png) and print its report table last (triton against the bandwidth
+# floor and the baselines, as the README shows it). Every CSV is in the one results schema
+# (benchmarks/common.py); `bench_step.py --report FILE` and `bench_decode.py --report FILE`
+# print their tables again. The decode stage checks the providers' tokens after timing (one
+# more, untimed run of the authors' loop per case) and exits with 1 when a check fails.
+# Every stage runs even if an earlier one failed, each under a time cap; exit codes are in
+# OUTDIR/status.txt (124: the cap was hit). On an H100 on 2026-11-26 the tests took about
+# 2.3 minutes and the decode stage (then 4 providers, 3 repeats of 64 tokens) 2.5; the
+# decode stage now runs 6 providers (eager and fast=True), 2 repeats of 32 tokens; the step
+# grid stops starting new cells after 100 s (--time-limit).
 # The caps add up to 9 minutes; the suite is meant to finish within 8 (not yet timed as a
 # whole in this form; gpu_quick.sh is the 4-minute version). Usage (on the GPU machine, from
 # the repository root):
@@ -31,7 +35,7 @@ stage decode 150 python benchmarks/bench_decode.py --device cuda --repeats 2 --n
 stage step 130 python benchmarks/bench_step.py --grid --dtypes bfloat16,float32 \
     --time-limit 100 --out "$out/step_cuda.csv"
 stage plot 30 python benchmarks/plot_step.py "$out/step_cuda.csv" "$out/step_cuda.png"
-stage summary 10 python benchmarks/bench_step.py --summary "$out/step_cuda.csv"
+stage report 10 python benchmarks/bench_step.py --report "$out/step_cuda.csv"
 cat "$out/status.txt"
-echo "== step summary ($out/summary.log)"
-cat "$out/summary.log"
+echo "== step report ($out/report.log)"
+cat "$out/report.log"

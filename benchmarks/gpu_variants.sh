@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU run for kl mode and several principles (issue 6), plus the bf16 step grid of the
+# The GPU run for kl mode and several principles, plus the bf16 step grid of the
 # current kernel. Two parts, each under the device tool's 10-minute limit per call:
 #   bash benchmarks/gpu_variants.sh OUTDIR tests   # install; the tests of kl mode,
 #       composition, graph capture and the Hugging Face integration on CUDA; the compiled
 #       kernel against the interpreter (skipped where Triton 3.6 meets numpy >= 2.4)
 #   bash benchmarks/gpu_variants.sh OUTDIR bench   # install; step variants (kl, K = 2, 3
 #       against K = 1, eager and in a CUDA graph); decoding with the variants (random-weight
-#       Llama 1B shape, bf16); the bf16 step grid with its summary table last
+#       Llama 1B shape, bf16); the bf16 step grid with its report table last
 # Same stage/caps/status.txt conventions as gpu_suite.sh. Timing on an H100 (2026-11-27):
 # every new kernel variant compiles and autotunes once per process (several seconds each),
 # which dominates: the first tries with caps of 100 s (tests), 70 s (variants) and 90 s
@@ -33,6 +33,6 @@ else
     stage grid 120 python benchmarks/bench_step.py --grid --dtypes bfloat16 --B 1,8,64,256 \
         --V 128256,32000 --providers triton,triton-graph,authors,reference-compiled \
         --time-limit 90 --out "$out/step_cuda.csv"
-    stage summary 10 python benchmarks/bench_step.py --summary "$out/step_cuda.csv"
+    stage report 10 python benchmarks/bench_step.py --report "$out/step_cuda.csv"
 fi
 cat "$out/status.txt"
