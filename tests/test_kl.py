@@ -62,11 +62,14 @@ def test_kernel_split_and_fused_agree(device):
     assert torch.equal(outs[0][0], outs[1][0])
 
 
-@pytest.mark.parametrize("eps", [1e-5, 1e-4])
+@pytest.mark.parametrize("eps", [1e-5, 1e-4, pytest.param(1e-3, marks=pytest.mark.xfail(
+    strict=True, reason="a known limit of the second-order bound: at 1e-3 nats one row of 8 "
+    "is 11 % off (the third-order term grows with the budget; docs/semantics.md, kl mode)"))])
 def test_small_budgets_are_spent(eps):
     """To second order KL = kappa^2 v / 2 = eps: within 10 % for small budgets. (On these
     rows the error is under 1 % at 1e-5 and under 4 % at 1e-4; at 1e-3 one row of 8 is 11 %
-    off: the third-order term grows with the budget.)"""
+    off: the third-order term grows with the budget, a known failure kept as a strict
+    xfail.)"""
     zp, z0 = two_branch(8, 4000, seed=5, temperature=1.0)
     out = linalign.step(zp, z0, kl_budget=eps, temperature=1.0, top_p=0.8, greedy=True,
                         backend="torch")
