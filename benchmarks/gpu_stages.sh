@@ -12,3 +12,13 @@ stage() {
     echo "$name $rc" >> "$out/status.txt"
     tail -n 20 "$out/$name.log"
 }
+
+# Triton 3.6's interpreter needs numpy < 2.4 and the GPU machine's is newer: the test of the
+# compiled kernel against the interpreter (tests/test_determinism.py) runs the interpreter
+# with the numpy from wheels/ (benchmarks/gpu_wheels.sh downloads it here; carry wheels/ with
+# the run), installed in a folder of its own, never over the machine's packages.
+pin_interpreter_numpy() {
+    local dir=/tmp/linalign-interpreter-numpy
+    python -m pip install --no-deps --quiet --target "$dir" wheels/numpy-2.2.*.whl &&
+        export LINALIGN_INTERPRETER_PATH="$dir"
+}

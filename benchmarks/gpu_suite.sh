@@ -17,8 +17,9 @@
 # whole in this form; gpu_quick.sh is the 4-minute version). Usage (on the GPU machine, from
 # the repository root):
 #     bash benchmarks/gpu_suite.sh OUTDIR
-# The GPU machine has no gguf and no model wheel, so tests/test_models.py (the embedded
-# SmolLM2) runs on CPU machines only.
+# The GPU machine has no gguf and no model wheel, so the tests that need the embedded SmolLM2
+# (marked embedded_model: tests/test_models.py, tests/test_golden.py, ...) run on CPU
+# machines only.
 set -u
 out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
 source "$(dirname "$0")/gpu_stages.sh"
@@ -29,7 +30,8 @@ install() {  # the interpreter's own pip (a bare `pip` may belong to another Pyt
 }
 export -f install
 stage install 40 bash -c install
-stage tests 170 python -m pytest -q --maxfail=3 tests/ --ignore=tests/test_models.py
+pin_interpreter_numpy
+stage tests 170 python -m pytest -q --maxfail=3 tests/ -m "not embedded_model"
 stage decode 150 python benchmarks/bench_decode.py --device cuda --repeats 2 --new-tokens 32 \
     --out "$out/decode_cuda.csv"
 stage step 130 python benchmarks/bench_step.py --grid --dtypes bfloat16,float32 \

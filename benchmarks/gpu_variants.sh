@@ -22,6 +22,7 @@ stage install 40 bash -c 'python -m pip install --no-deps --no-build-isolation -
 if [ "$part" = tests ]; then
     stage tests 420 python -m pytest -q -p no:cacheprovider tests/test_kl.py \
         tests/test_principles.py tests/test_graph.py tests/test_hf.py -k "not readme_example"
+    pin_interpreter_numpy
     stage determinism 60 python -m pytest -q -p no:cacheprovider tests/test_determinism.py \
         -k compiled -rs
 else

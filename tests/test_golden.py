@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.embedded_model
 GOLDEN = Path(__file__).parent / "data" / "golden_tokens.json"
 PROMPTS = [
     "How do I cook rice?",

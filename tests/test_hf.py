@@ -312,6 +312,7 @@ def test_custom_generate_misuse_fails_clearly(model, batch):
 
 
 # ----------------------------------------------------------------------------- SmolLM2
+@pytest.mark.embedded_model
 def test_readme_example_matches_the_aligner():
     """The README's Hugging Face example, as written, on the embedded SmolLM2: custom_generate
     and the processor give LinearAligner.generate's greedy tokens for the same principle."""

@@ -15,6 +15,7 @@ from linalign import cli, models
 
 from helpers import assert_same_or_near_tie
 
+pytestmark = pytest.mark.embedded_model
 PROMPTS = [
     "How do I cook rice?",
     "What is the capital of France?",

@@ -36,6 +36,7 @@ def test_kl_and_principles_example_runs():
     assert (out.ratio == torch.tensor([[3.0], [1.0]])).all()
 
 
+@pytest.mark.embedded_model
 def test_decoder_example_runs(capsys):
     scope = _example("LinearAligner(")
     result = scope["result"]
