@@ -1,9 +1,12 @@
 """The README's Python examples run as written, its commands are the ones CI runs, and its
-benchmark tables are what the benchmarks' --report prints from their results files."""
+benchmark and evaluation tables are what --report prints from their results files."""
+import contextlib
+import io
 import pathlib
 import re
 import sys
 
+import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -95,3 +98,24 @@ def test_benchmark_tables_are_what_report_prints():
                     f"prints:\n{block}"
                 shown += 1
     assert shown == 10
+
+
+def test_evaluation_tables_are_what_report_prints():
+    """Each table of the README's evaluation section, with the caption above it, is what
+    `linalign eval --report FILE` prints first from the results file the caption names."""
+    from linalign import cli
+
+    paragraphs = _section("Does it follow the principle? `linalign eval`").split("\n\n")
+    shown = 0
+    for i, par in enumerate(paragraphs):
+        if par.startswith("|"):
+            caption = paragraphs[i - 1]
+            path = caption.split("`")[1]
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                assert cli.main(["eval", "--report", str(ROOT / path)]) == 0
+            printed = out.getvalue().replace(str(ROOT / path), path)
+            assert printed.startswith(caption + "\n\n" + par + "\n"), \
+                f"README, evaluation: this table is not what --report prints:\n{caption}"
+            shown += 1
+    assert shown == 3

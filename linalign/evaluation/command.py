@@ -23,7 +23,7 @@ from ..cli_args import (CommandError, add_model_arguments, add_sampling_argument
                         load_aligner)
 from .harness import (DECODINGS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEED, DEFAULT_SETTINGS,
                       load_prompts, log_line, parse_setting, run_eval)
-from .report import markdown_report, write_outputs
+from .report import markdown_report, report_caption, write_outputs
 from .scorers import PRINCIPLES
 
 #: ``meta.model`` of a run without ``--model``.
@@ -106,7 +106,9 @@ def eval_command(args, out=None, progress=None) -> int:
     out = sys.stdout if out is None else out
     progress = sys.stderr if progress is None else progress
     if args.report:
-        out.write(markdown_report(read_results(args.report)) + "\n")
+        summary = read_results(args.report)
+        out.write(report_caption(summary, args.report) + "\n\n" + markdown_report(summary) +
+                  "\n")
         return 0
     names, settings, decodings, prompts = grid_of(args)
     t0 = time.perf_counter()

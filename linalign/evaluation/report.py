@@ -145,6 +145,17 @@ def plot_summary(rows, path: str, *, title: str | None = None, progress=sys.stde
 
 
 # ============================================================================ the tables
+def report_caption(summary: dict, path) -> str:
+    """The line above a report's tables: the results file, its date and what ran."""
+    m = summary["meta"]
+    names = len(summary.get("principles") or {})
+    return (f"`{path}` ({m.get('date', '?')}; {m.get('model', '?')}, {m.get('device', '?')} "
+            f"{m.get('dtype', '')}, {m.get('threads', '?')} thread(s); "
+            f"{len(m.get('prompts') or [])} prompts x {names} principles, "
+            f"{m.get('max_new_tokens', '?')} new tokens, T {m.get('temperature', '?')}, "
+            f"top-p {m.get('top_p', '?')}): every setting over all principles.")
+
+
 def markdown_report(summary: dict) -> str:
     """Markdown tables from a PREFIX.json: the settings overall, then adherence per
     principle (one column per setting, greedy and sampled), then a candidate default."""
