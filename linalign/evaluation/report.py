@@ -147,7 +147,7 @@ def plot_summary(rows, path: str, *, title: str | None = None, progress=sys.stde
 # ============================================================================ the tables
 def report_caption(summary: dict, path) -> str:
     """The line above a report's tables: the results file, its date and what ran."""
-    m = summary["meta"]
+    m = summary.get("meta") or {}
     names = len(summary.get("principles") or {})
     return (f"`{path}` ({m.get('date', '?')}; {m.get('model', '?')}, {m.get('device', '?')} "
             f"{m.get('dtype', '')}, {m.get('threads', '?')} thread(s); "
