@@ -303,7 +303,7 @@ def test_bad_arguments_and_outputs(tmp_path, capsys):
         (["--ratio", "2", "--kl-budget", "0.1"], "give --ratio or --kl-budget, not both"),
         (["--batch-size", "0"], "expected an integer >= 1"),
         # the bounds of linalign.options
-        (["--top-p", "0"], f"expected {RULES['top_p'].words}"),
+        (["--top-p", "0"], f"must be {RULES['top_p'].words}"),
         (["--kl-budget", "-1"], f"expected {RULES['kl_budget'].words}"),
         (["--max-ratio", "-1"], f"expected {RULES['max_ratio'].words}"),
         (["--ratio", "1e39"], f"expected {RULES['ratio'].words}"),
