@@ -51,6 +51,8 @@ check
     +inf in either branch or no finite principle logit (this syncs with the device). False:
     no host synchronisation; such rows still get a valid token id and ``Status.BAD_INPUT``.
 """
+import functools
+
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.linalign.triton_step)
@@ -69,8 +71,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+@functools.cache
 def _backend_module(name):
-    # imported on first use: the Triton path imports Triton only when it runs
+    # imported on first use (the Triton path imports Triton only when it runs), remembered
     if name == "triton":
         from . import triton_backend as module
     elif name == "torch":

@@ -50,6 +50,10 @@ class Bound:
     def number_ok(self, x: float) -> bool:
         """For a Python number, judged at fp32 (what the step computes with): 1e39 is not
         a finite ratio and 1e-50 is not a top_p above 0."""
+        if self.exact_ok(x) and 1e-30 < abs(x) < 1e38:
+            # rounding to fp32 is monotonic and keeps 0, 1 and the finite range: it cannot
+            # move such a value across a bound (the common case, without packing bytes)
+            return True
         return self.exact_ok(as_fp32(x))
 
     def exact_ok(self, x: float) -> bool:

@@ -13,6 +13,8 @@ entry point ``run(args)``, for every mode.
 Nothing here synchronises with the host: parameters, seeds and offsets may be device
 tensors, and uniforms from a ``torch.Generator`` are drawn on the device.
 """
+import functools
+
 import torch
 
 from . import ops
@@ -21,12 +23,13 @@ from .random import row_uniforms
 from .torch_backend import compose, flag_bad_rows
 
 
+@functools.cache
 def load_kernels():
     """``linalign.kernels``, imported on first use (importing linalign never imports
-    Triton); ``ValueError`` when it cannot run here."""
-    from . import kernels as k
+    Triton) and remembered (a step's host time counts)."""
+    from . import kernels
 
-    return k
+    return kernels
 
 
 def check_device(device):
@@ -47,8 +50,8 @@ def one_principle(zp, z0, ratio, temperature, top_p, *, greedy, generator, seed,
         return torch.ops.linalign.triton_step(*ops.as_op_args(zp, z0, ratio, temperature,
                                                               top_p, greedy, u, seed, offset,
                                                               kl))
-    return load_kernels().la_step(zp, z0, ratio, temperature, top_p, greedy=greedy, u=u, seed=seed,
-                             offset=offset, kl=kl)
+    return load_kernels().la_step(zp, z0, ratio, temperature, top_p, greedy=greedy, u=u,
+                                  seed=seed, offset=offset, kl=kl)
 
 
 def run(args: StepArgs) -> StepOutput:
