@@ -8,7 +8,6 @@ import sys
 from contextlib import redirect_stdout
 
 import pytest
-import torch
 
 import linalign
 from linalign import cli, models

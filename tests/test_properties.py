@@ -30,7 +30,7 @@ from linalign.reference import mass_above
 from helpers import BAND
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
