@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 
+from .decoder import MODES
 from .options import DEFAULT_RATIO, INT_RULES, SamplingParams, rule_of
 
 #: ``--model`` value that builds the tiny random Llama of ``linalign.testing`` with its byte
 #: tokenizer (no download, gibberish output): for tests of the commands.
 TINY_MODEL = "linalign:tiny-random"
-MODES = ("stacked", "two-caches")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEFAULTS = SamplingParams()
 
