@@ -346,14 +346,16 @@ def test_kernel_samples_the_torch_paths_distribution(device):
     chi_square(tri, distribution(zp.cpu(), z0.cpu(), **LA)[0])
 
 
-def test_triton_result_does_not_depend_on_block_size(device):
+def test_triton_result_does_not_depend_on_the_split(device):
+    # One chunk of 8192 logits (the whole row), 5 of 1024, 20 of 256 (S = 32 with padding).
     from linalign.kernels import la_step
 
     zp, z0 = two_branch(3, 5000, seed=12, temperature=1.0, steepness=(1.0, 1.4), device=device)
-    outs = [la_step(zp, z0, 2.0, 1.0, 0.9, greedy=False, seed=5, block=blk) for blk in (256, 4096)]
-    for a, b in zip(*outs):
-        assert torch.equal(a, b) or torch.allclose(a.float(), b.float(), atol=1e-5)
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][2], outs[1][2])
+    outs = [la_step(zp, z0, 2.0, 1.0, 0.9, greedy=False, seed=5, chunk=c) for c in (256, 1024, 8192)]
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b) or torch.allclose(a.float(), b.float(), atol=1e-5)
+        assert torch.equal(outs[0][0], other[0]) and torch.equal(outs[0][2], other[2])
 
 
 def test_auto_backend_and_sample(device):
@@ -387,8 +389,9 @@ KINDS = ["normal", "ties", "huge", "neginf", "flat", "signed_zeros"]
 @pytest.mark.parametrize("case", range(40))
 def test_hostile_mix(case, device):
     """Seeded mixes of ties, +-1e30 and 3e38, -inf patterns, signed zeros and flat rows, with
-    extreme parameters: every backend (and the kernel with 16-wide blocks, so rows span many
-    blocks) agrees with the reference on tokens, status and log-probs."""
+    extreme parameters: every backend (and the kernel with 16-logit chunks, so rows span many
+    chunks, also with 2 candidate slots per chunk, which sends most rows to the second
+    launch) agrees with the reference on tokens, status and log-probs."""
     from linalign.kernels import la_step
 
     g = torch.Generator().manual_seed(case)
@@ -403,7 +406,7 @@ def test_hostile_mix(case, device):
               top_p=pick([1e-9, 0.3, 0.8, 1.0]), greedy=bool(case % 2), seed=case)
     want = linalign.step(zp, z0, backend="reference", check=False, **kw)
     outs = [linalign.step(zp, z0, backend=b, check=False, **kw) for b in FAST]
-    for extra in (dict(block=16), dict(split=3, split_block=16)):
+    for extra in (dict(chunk=16), dict(chunk=16, kloc=2, fslot=2, pivots=4, nprog=3)):
         outs.append(linalign.StepOutput(*la_step(zp, z0, kw["ratio"], kw["temperature"],
                                                  kw["top_p"], greedy=kw["greedy"], seed=case,
                                                  **extra)))
@@ -434,11 +437,11 @@ def test_scores_near_the_fp32_limit(backend, device):
 
 @pytest.mark.parametrize("case", range(12))
 def test_search_branches(case, device):
-    """The kernel's threshold search with a 16-slot candidate buffer and 4 pivots per pass,
-    fused and split into chunks, on rows where that takes several passes, overflows the
-    buffer (a nucleus of hundreds: scores streamed over the row), leaves the split rounds
-    unfinished (the per-row kernel goes on), or has ties across the bracket: the same
-    tokens, status and nucleus as the reference."""
+    """The kernel's paths with small buffers and 4 pivots per round, on rows where the
+    candidate check fails (a nucleus of hundreds: the second launch's threshold search
+    over chunk-parallel rounds, its flat buffer overflowing or not), the bracketing takes
+    several rounds, or ties straddle the bracket; one chunk or many: the same tokens,
+    status and nucleus as the reference."""
     from linalign.kernels import la_step
 
     g = torch.Generator().manual_seed(1000 + case)
@@ -458,8 +461,8 @@ def test_search_branches(case, device):
     kw = dict(ratio=pick([-1.0, 0.0, 3.0]), temperature=pick([0.5, 1.0, 2.0]),
               top_p=pick([0.3, 0.8, 0.95, 0.999]), greedy=bool(case % 2), seed=case)
     want = linalign.step(zp, z0, backend="reference", check=False, **kw)
-    for extra in (dict(split=1), dict(split=pick([2, 3, 5]), split_block=64)):
+    for extra in (dict(chunk=4096, kloc=16), dict(chunk=pick([64, 256, 512]), kloc=4,
+                                                  fslot=pick([4, 16]), nprog=pick([1, 3]))):
         got = linalign.StepOutput(*la_step(zp, z0, kw["ratio"], kw["temperature"], kw["top_p"],
-                                           greedy=kw["greedy"], seed=case, pivots=4, cmax=16,
-                                           block=64, **extra))
+                                           greedy=kw["greedy"], seed=case, pivots=4, **extra))
         assert_same_step(got, want, zp, kw["temperature"], kw["top_p"], logprob_atol=1e-3)
