@@ -97,6 +97,9 @@ from linalign import constants
 # patched module and gives the same result. Compiled, the helpers are @triton.jit functions.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _helper = (lambda fn: fn) if INTERPRETED else triton.jit
+# A helper compiled as a function of its own (a persistent loop around an inlined body would
+# keep the body's loop-invariant tiles in registers across the whole loop).
+_noinline = (lambda fn: fn) if INTERPRETED else triton.jit(noinline=True)
 
 # The contract's numbers (linalign/constants.py) as compile-time constants; a test pins them.
 # Largest finite fp32: aligned scores are clamped to +-FMAX so that hostile but finite
@@ -118,6 +121,12 @@ NONE_HI = tl.constexpr(2**31 - 1)
 # key(-inf): keys at or below it are never candidates.
 KEY_NEGINF = tl.constexpr(-2139095041)
 NO_IDX = tl.constexpr(2**30)
+# Pivots evaluated at once on a buffer ([PIV_GROUP, N] tiles; see _masses_above).
+PIV_GROUP = tl.constexpr(4)
+# Bracket entries tested exactly against each other ([NSMALL, NSMALL] tiles).
+NSMALL = tl.constexpr(64)
+# Bracketing rounds on a buffer before its last NSMALL entries are tested (see _tau_search).
+BUF_ROUNDS = tl.constexpr(2)
 
 # Workspace layout (per row; the launcher allocates it once per shape and stream):
 # part_f [B, PF, SP]: per chunk m_c, Z_c, c_s and kl mode's m0, W, mean, M2;
@@ -129,17 +138,17 @@ P_M0 = tl.constexpr(3)
 P_W = tl.constexpr(4)
 P_MU = tl.constexpr(5)
 P_M2 = tl.constexpr(6)
-PF = 7
+PF = tl.constexpr(7)
 I_BAD = tl.constexpr(0)
 I_N = tl.constexpr(1)
-PI = 2
+PI = tl.constexpr(2)
 # row_f [B, RF]: m, top_p * Z and the ratio used; row_i [B, RI]: the path the row took, the
 # number of launch-2 jobs, the pending job's mode, the bracket (lo, hi], tau, the status
 # bits known after launch 1, then the NPIV pivots of a SEARCH job.
 R_M = tl.constexpr(0)
 R_THR = tl.constexpr(1)
 R_R = tl.constexpr(2)
-RF = 4
+RF = tl.constexpr(4)
 S_PATH = tl.constexpr(0)
 S_JOBS = tl.constexpr(1)
 S_MODE = tl.constexpr(2)
@@ -148,7 +157,7 @@ S_HI = tl.constexpr(4)
 S_TAU = tl.constexpr(5)
 S_STATUS = tl.constexpr(6)
 S_PIV = tl.constexpr(8)
-RI0 = 8
+RI0 = tl.constexpr(8)
 # The paths (row_i[S_PATH]): finished on the candidate buffer by launch 1, or by launch 2
 # with tau known (top_p = 1 or T = 0 with more candidates than the buffer holds), or by
 # launch 2 after a threshold search.
@@ -164,12 +173,12 @@ MODE_SEARCH = tl.constexpr(2)
 K_AMAX = tl.constexpr(0)
 K_ASUM = tl.constexpr(1)
 K_PSUM = tl.constexpr(2)
-KF_EXTRA = 3
+KF_EXTRA = tl.constexpr(3)
 J_EMIT = tl.constexpr(0)
 J_N = tl.constexpr(1)
 J_AARG = tl.constexpr(2)
 J_PARG = tl.constexpr(3)
-KI = 4
+KI = tl.constexpr(4)
 # ctl [4]: the queue's head (tickets handed out), tail (jobs published), active rows and
 # programs that left launch 2.
 C_HEAD = tl.constexpr(0)
@@ -346,35 +355,63 @@ def _bracket(piv, mass, thr, NPIV: tl.constexpr):
 
 
 @_helper
-def _tau_search(k, e, live, lo, hi, thr, base, NPIV: tl.constexpr):
+def _masses_above(piv, k, e, live, base, NPIV: tl.constexpr, G: tl.constexpr):
+    """base + the mass of the live entries with keys strictly above each pivot: [NPIV] from
+    [G, N] tiles (a whole [NPIV, N] tile would hold NPIV values of the buffer per thread)."""
+    ii = tl.arange(0, NPIV)
+    gg = tl.arange(0, G)
+    mass = tl.zeros((NPIV,), tl.float32)
+    for g in tl.static_range(NPIV // G):
+        pg = tl.sum(tl.where(ii[None, :] == g * G + gg[:, None], piv[None, :], 0), axis=1)
+        mg = tl.sum(tl.where(live[None, :] & (k[None, :] > pg[:, None]), e[None, :], 0.0), axis=1)
+        mass += tl.sum(tl.where(ii[:, None] == g * G + gg[None, :], mg[None, :], 0.0), axis=1)
+    return base + mass
+
+
+@_helper
+def _tau_search(k, e, live, lo, hi, thr, base, scr_k, scr_e, NPIV: tl.constexpr,
+                G: tl.constexpr, NS: tl.constexpr, ROUNDS: tl.constexpr):
     """The threshold key on a buffer of candidates (keys k, masses e, ``live`` entries).
 
     Given: the mass strictly above hi is ``base`` plus that of the live keys above hi and
     is below thr (tokens above hi are in N), and every key in (lo, hi] is a live entry;
-    tokens at or below lo are out (their mass-above reaches thr, or the gap rule). Returns
-    tau, the smallest key in (lo, hi] whose mass strictly above is below thr (hi + 1 if
-    none; lo + 1 if the mass above lo is already below thr). Brackets with NPIV pivots a
-    round until at most NPIV entries (or one key value) remain, then tests each."""
+    tokens at or below lo are out (their mass-above reaches thr, or the gap rule).
+    Returns (tau, done, lo, hi): tau is the smallest key in (lo, hi] whose mass strictly
+    above is below thr (hi + 1 if none; lo + 1 if the mass above lo is already below thr).
+
+    ROUNDS bracketing rounds with NPIV pivots on the whole buffer, then the at most NS entries
+    left in the bracket are compacted through ``scr_k``, ``scr_e`` (NS words each) and
+    each is tested exactly against the others ([NS, NS]). If more than NS entries of more
+    than one key are left (rare: dense or tied candidates), ``done`` is False and (lo, hi]
+    is the narrower bracket, for a SEARCH job of launch 2. No loop: a loop here would keep
+    buffer-sized values in registers across it, in every program of launch 1."""
     f_lo = base + tl.sum(tl.where(live & (k > lo), e, 0.0), axis=0)
     inb = live & (k > lo) & (k <= hi)
     cnt = tl.sum(inb.to(tl.int32), axis=0)
-    while (f_lo >= thr) & (cnt > NPIV) & (hi.to(tl.int64) - lo.to(tl.int64) > 1):
-        piv = _pivots(lo, hi, NPIV)
-        mass = base + tl.sum(tl.where(live[None, :] & (k[None, :] > piv[:, None]),
-                                      e[None, :], 0.0), axis=1)
-        lo, hi = _bracket(piv, mass, thr, NPIV)
-        inb = live & (k > lo) & (k <= hi)
-        cnt = tl.sum(inb.to(tl.int32), axis=0)
-    # At most NPIV entries in (lo, hi], or all of one key: test the first NPIV of them.
+    for _ in tl.static_range(ROUNDS):  # unrolled: straight-line code
+        if (f_lo >= thr) & (cnt > NS) & (hi.to(tl.int64) - lo.to(tl.int64) > 1):
+            piv = _pivots(lo, hi, NPIV)
+            lo, hi = _bracket(piv, _masses_above(piv, k, e, live, base, NPIV, G), thr, NPIV)
+            inb = live & (k > lo) & (k <= hi)
+            cnt = tl.sum(inb.to(tl.int32), axis=0)
+    done = (f_lo < thr) | (cnt <= NS) | (hi.to(tl.int64) - lo.to(tl.int64) <= 1)
+    # At most NS entries in (lo, hi], or all of one key (then the first NS stand for all).
+    f_hi = base + tl.sum(tl.where(live & (k > hi), e, 0.0), axis=0)
     pos = tl.cumsum(inb.to(tl.int32), axis=0) - 1
-    ii = tl.arange(0, NPIV)
-    cand = tl.max(tl.where(inb[None, :] & (pos[None, :] == ii[:, None]), k[None, :], NONE_LO),
-                  axis=1)
-    mass = base + tl.sum(tl.where(live[None, :] & (k[None, :] > cand[:, None]), e[None, :], 0.0),
+    put = inb & (pos < NS)
+    tl.store(scr_k + pos, k, mask=put)
+    tl.store(scr_e + pos, e, mask=put)
+    tl.debug_barrier()  # the scratch is read back by other threads of this program
+    js = tl.arange(0, NS)
+    vs = js < cnt
+    ck = tl.load(scr_k + js, mask=vs, other=NONE_LO)
+    ce = tl.load(scr_e + js, mask=vs, other=0.0)
+    mass = f_hi + tl.sum(tl.where(vs[None, :] & (ck[None, :] > ck[:, None]), ce[None, :], 0.0),
                          axis=1)
-    tau = tl.min(tl.where((cand > NONE_LO) & (mass < thr), cand, NONE_HI), axis=0)
+    tau = tl.min(tl.where(vs & (mass < thr), ck, NONE_HI), axis=0)
+    tl.debug_barrier()  # (the scratch may be written again by this program)
     tau = tl.where(tau == NONE_HI, hi + 1, tau)
-    return tl.where(f_lo < thr, lo + 1, tau)
+    return tl.where(f_lo < thr, lo + 1, tau), done, lo, hi
 
 
 @_helper
@@ -452,7 +489,7 @@ def _arrive(ctr_ptr, row, S):
 def _finish_row(row, S, V, T, top_p, is_t0, inv_t, r_ptr, r_val, e_ptr, e_val, x_ptr, x_val,
                 u_ptr, seed_ptr, seed_val, off_ptr, off_val,
                 tok_ptr, lp_ptr, nsz_ptr, status_ptr, ratio_ptr,
-                part_f, part_i, buf_x, buf_y, buf_i, row_f, row_i, ctl_ptr, q_ptr,
+                part_f, part_i, buf_x, buf_y, buf_i, row_f, row_i, scr_k, scr_e, ctl_ptr, q_ptr,
                 R_PER_ROW: tl.constexpr, KL: tl.constexpr, E_PER_ROW: tl.constexpr,
                 X_PER_ROW: tl.constexpr, RNG: tl.constexpr, OFF_PER_ROW: tl.constexpr,
                 GREEDY: tl.constexpr, KLOC: tl.constexpr, SP: tl.constexpr,
@@ -505,11 +542,15 @@ def _finish_row(row, S, V, T, top_p, is_t0, inv_t, r_ptr, r_val, e_ptr, e_val, x
     status = tl.where(bad > 0, BAD_INPUT, 0)
     rf = row_f + row64 * RF
     ri = row_i + row64 * (RI0 + NPIV)
-    if whole:
-        tau = _key(cut)
-        if need:
-            lo = tl.maximum(_key(tl.maximum(l_star, cut)) - 1, KEY_NEGINF)
-            tau = _tau_search(k, e, valid, lo, _key(m), thr, 0.0, NPIV)
+    # The bracket (lo, hi] of tau's key: keys above hi are in N, keys at or below lo out.
+    hi = _key(m)
+    lo = tl.maximum(_key(tl.maximum(l_star, cut)) - 1, KEY_NEGINF)
+    tau = _key(cut)  # top_p >= 1 or T == 0: N is everything from the cut up
+    done = whole
+    if whole & need:
+        tau, done, lo, hi = _tau_search(k, e, valid, lo, hi, thr, 0.0, scr_k + row64 * NSMALL,
+                                        scr_e + row64 * NSMALL, NPIV, PIV_GROUP, NSMALL, BUF_ROUNDS)
+    if done:
         u = tl.zeros((), tl.float32)
         if not GREEDY:
             u = _uniform(u_ptr, seed_ptr, seed_val, off_ptr, off_val, row, RNG, OFF_PER_ROW)
@@ -522,13 +563,17 @@ def _finish_row(row, S, V, T, top_p, is_t0, inv_t, r_ptr, r_val, e_ptr, e_val, x
         tl.store(ri + S_PATH, PATH_BUFFER)
         tl.store(ri + S_JOBS, 0)
     else:
-        # Hand the row to launch 2 with a bracket (lo, hi] of tau: keys above hi (at or
-        # above L*) are in N; keys at or below lo are out by the gap rule or by the mass
-        # bound of the module docstring (a margin of 2 for fp32 rounding).
-        arg = (1.0 - top_p) * zsum / (2.0 * V)
-        vb = tl.where(arg > 0.0, m + T * tl.log(tl.where(arg > 0.0, arg, 1.0)), float("-inf"))
-        lo = tl.maximum(_key(tl.maximum(cut, vb)) - 1, KEY_NEGINF)
-        hi = tl.minimum(_key(l_star) - 1, _key(m))
+        if ~whole:
+            # The candidates do not hold N: keys at or above L* are in N (their mass-above
+            # is below the buffer's, which is below thr); keys at or below the gap rule's
+            # cut, or below the mass bound vb of the module docstring, are out (a margin of
+            # 2 for fp32 rounding).
+            arg = (1.0 - top_p) * zsum / (2.0 * V)
+            vb = tl.where(arg > 0.0, m + T * tl.log(tl.where(arg > 0.0, arg, 1.0)),
+                          float("-inf"))
+            lo = tl.maximum(_key(tl.maximum(cut, vb)) - 1, KEY_NEGINF)
+            hi = tl.minimum(_key(l_star) - 1, _key(m))
+        # Hand the row to launch 2: a SEARCH of (lo, hi], or a SCORE when tau is known.
         search = need & (hi.to(tl.int64) - lo.to(tl.int64) > 1)
         tau = tl.where(need, lo + 1, _key(cut))
         tl.store(rf + R_M, m)
@@ -556,7 +601,7 @@ def la_chunk_kernel(
     r_ptr, r_val, t_ptr, t_val, p_ptr, p_val, e_ptr, e_val, x_ptr, x_val,
     u_ptr, seed_ptr, seed_val, off_ptr, off_val,
     tok_ptr, lp_ptr, nsz_ptr, status_ptr, ratio_ptr,
-    part_f, part_i, buf_x, buf_y, buf_i, row_f, row_i, ctr_ptr, ctl_ptr, q_ptr,
+    part_f, part_i, buf_x, buf_y, buf_i, row_f, row_i, scr_k, scr_e, ctr_ptr, ctl_ptr, q_ptr,
     V, S,
     R_PER_ROW: tl.constexpr, T_PER_ROW: tl.constexpr, P_PER_ROW: tl.constexpr,
     KL: tl.constexpr, E_PER_ROW: tl.constexpr, X_PER_ROW: tl.constexpr,
@@ -633,8 +678,8 @@ def la_chunk_kernel(
         _finish_row(row, S, V, T, top_p, is_t0, inv_t, r_ptr, r_val, e_ptr, e_val, x_ptr,
                     x_val, u_ptr, seed_ptr, seed_val, off_ptr, off_val,
                     tok_ptr, lp_ptr, nsz_ptr, status_ptr, ratio_ptr,
-                    part_f, part_i, buf_x, buf_y, buf_i, row_f, row_i, ctl_ptr, q_ptr,
-                    R_PER_ROW, KL, E_PER_ROW, X_PER_ROW, RNG, OFF_PER_ROW, GREEDY, KLOC, SP,
+                    part_f, part_i, buf_x, buf_y, buf_i, row_f, row_i, scr_k, scr_e, ctl_ptr,
+                    q_ptr, R_PER_ROW, KL, E_PER_ROW, X_PER_ROW, RNG, OFF_PER_ROW, GREEDY, KLOC, SP,
                     NPIV)
 
 
@@ -684,7 +729,7 @@ def _score_task(rowp, row0, s, V, m, r, inv_t, tau, kf, ki, CHUNK: tl.constexpr,
 
 
 @_helper
-def _search_merge(row, S, m, inv_t, thr, ri, kf, ki, flat, FSLOT: tl.constexpr,
+def _search_merge(row, S, m, inv_t, thr, ri, kf, ki, flat, scr_k, scr_e, FSLOT: tl.constexpr,
                   NPIV: tl.constexpr, SP: tl.constexpr):
     """The last task of a SEARCH job: tau on the flat buffer if every chunk's bracket
     fitted, else a narrower bracket; writes the next job (SCORE or SEARCH) to the row state."""
@@ -698,6 +743,7 @@ def _search_merge(row, S, m, inv_t, thr, ri, kf, ki, flat, FSLOT: tl.constexpr,
     piv = tl.load(ri + S_PIV + ii, cache_modifier=".cg")
     lo = tl.load(ri + S_LO, cache_modifier=".cg")
     hi = tl.load(ri + S_HI, cache_modifier=".cg")
+    done = tl.zeros((), tl.int1)
     if fits:
         NF: tl.constexpr = SP * FSLOT
         jf = tl.arange(0, NF)
@@ -707,18 +753,18 @@ def _search_merge(row, S, m, inv_t, thr, ri, kf, ki, flat, FSLOT: tl.constexpr,
         fx = tl.load(flat + jf, mask=valid, other=float("-inf"), cache_modifier=".cg")
         e = tl.where(valid, tl.exp((fx - m) * inv_t), 0.0)
         f_hi = tl.sum(tl.where(ii == NPIV - 1, mass, 0.0), axis=0)  # the last pivot is hi
-        tau = _tau_search(_key(fx), e, valid, lo, hi, thr, f_hi, NPIV)
-        tl.store(ri + S_TAU, tau)
-        tl.store(ri + S_MODE, MODE_SCORE)
+        tau, done, lo, hi = _tau_search(_key(fx), e, valid, lo, hi, thr, f_hi, scr_k, scr_e,
+                                        NPIV, PIV_GROUP, NSMALL, BUF_ROUNDS)
     else:
         lo, hi = _bracket(piv, mass, thr, NPIV)
-        more = hi.to(tl.int64) - lo.to(tl.int64) > 1
-        if more:
-            tl.store(ri + S_PIV + ii, _pivots(lo, hi, NPIV))
-        tl.store(ri + S_LO, lo)
-        tl.store(ri + S_HI, hi)
-        tl.store(ri + S_TAU, lo + 1)  # (lo, hi] = {hi} when it is not searched any more
-        tl.store(ri + S_MODE, tl.where(more, MODE_SEARCH, MODE_SCORE))
+        tau = lo + 1  # (lo, hi] = {hi} when it is not searched any more
+    more = ~done & (hi.to(tl.int64) - lo.to(tl.int64) > 1)
+    if more:
+        tl.store(ri + S_PIV + ii, _pivots(lo, hi, NPIV))
+    tl.store(ri + S_LO, lo)
+    tl.store(ri + S_HI, hi)
+    tl.store(ri + S_TAU, tl.where(done, tau, lo + 1))
+    tl.store(ri + S_MODE, tl.where(more, MODE_SEARCH, MODE_SCORE))
 
 
 @_helper
@@ -781,11 +827,11 @@ def _score_merge(row, S, V, m, r, inv_t, tau, is_t0, rowp, row0, kf, ki,
                    s_max, s_sum, n_in, fallback, r, inv_t, is_t0, status, m == float("-inf"))
 
 
-@_helper
+@_noinline
 def _flat_task(row, s, zp_ptr, z0_ptr, stride_p, stride_0, t_ptr, t_val, V, S,
                u_ptr, seed_ptr, seed_val, off_ptr, off_val,
                tok_ptr, lp_ptr, nsz_ptr, status_ptr, ratio_ptr,
-               row_f, row_i, k2_f, k2_i, flat, ctr_ptr, ctl_ptr, q_ptr,
+               row_f, row_i, k2_f, k2_i, flat, scr_k, scr_e, ctr_ptr, ctl_ptr, q_ptr,
                T_PER_ROW: tl.constexpr, RNG: tl.constexpr, OFF_PER_ROW: tl.constexpr,
                GREEDY: tl.constexpr, CHUNK: tl.constexpr, FSLOT: tl.constexpr,
                SP: tl.constexpr, NPIV: tl.constexpr):
@@ -814,7 +860,8 @@ def _flat_task(row, s, zp_ptr, z0_ptr, stride_p, stride_0, t_ptr, t_val, V, S,
     if _arrive(ctr_ptr, row, S):
         if mode == MODE_SEARCH:
             _search_merge(row, S, m, inv_t, tl.load(rf + R_THR, cache_modifier=".cg"), ri, kf,
-                          ki, fl, FSLOT, NPIV, SP)
+                          ki, fl, scr_k + row64 * NSMALL, scr_e + row64 * NSMALL, FSLOT, NPIV,
+                          SP)
             tl.store(ri + S_JOBS, tl.load(ri + S_JOBS, cache_modifier=".cg") + 1)
             _publish(row, ctl_ptr, q_ptr)
         else:
@@ -832,7 +879,7 @@ def la_flat_kernel(
     zp_ptr, z0_ptr, stride_p, stride_0, t_ptr, t_val,
     u_ptr, seed_ptr, seed_val, off_ptr, off_val,
     tok_ptr, lp_ptr, nsz_ptr, status_ptr, ratio_ptr,
-    row_f, row_i, k2_f, k2_i, flat, ctr_ptr, ctl_ptr, q_ptr,
+    row_f, row_i, k2_f, k2_i, flat, scr_k, scr_e, ctr_ptr, ctl_ptr, q_ptr,
     V, S, NPROG, QMAX,
     T_PER_ROW: tl.constexpr, RNG: tl.constexpr, OFF_PER_ROW: tl.constexpr,
     GREEDY: tl.constexpr, CHUNK: tl.constexpr, FSLOT: tl.constexpr, SP: tl.constexpr,
@@ -865,8 +912,8 @@ def la_flat_kernel(
                 _flat_task(row, s, zp_ptr, z0_ptr, stride_p, stride_0, t_ptr, t_val, V, S,
                            u_ptr, seed_ptr, seed_val, off_ptr, off_val,
                            tok_ptr, lp_ptr, nsz_ptr, status_ptr, ratio_ptr,
-                           row_f, row_i, k2_f, k2_i, flat, ctr_ptr, ctl_ptr, q_ptr,
-                           T_PER_ROW, RNG, OFF_PER_ROW, GREEDY, CHUNK, FSLOT, SP, NPIV)
+                           row_f, row_i, k2_f, k2_i, flat, scr_k, scr_e, ctr_ptr, ctl_ptr,
+                           q_ptr, T_PER_ROW, RNG, OFF_PER_ROW, GREEDY, CHUNK, FSLOT, SP, NPIV)
             go = tl.where(state == 1, 1, 0)
         # The last program to leave resets the queue for the next call.
         tl.debug_barrier()
@@ -922,9 +969,11 @@ def plan(B, V, device, chunk=None, kloc=None, fslot=None, nprog=None):
         kloc = min(chunk, max(MIN_KLOC, BUF_SLOTS // SP))
     if fslot is None:
         fslot = min(chunk, max(MIN_FSLOT, FLAT_SLOTS // SP))
-    warps = 8 if chunk >= 4096 else 4 if chunk >= 512 else 2
+    # 16 logits a thread: 126 registers at 4096 logits and 8 warps, 117 at 8192 and 16 warps
+    # (sm_90, tests/test_compile.py), so two or one programs of 256 or 512 threads an SM.
+    warps = min(16, max(1, chunk // 512))
     if nprog is None:
-        nprog = 2 * _sm_count(device) if device.type == "cuda" else 2
+        nprog = _sm_count(device) if device.type == "cuda" else 2
     return Plan(chunk, S, SP, kloc, fslot, warps, nprog)
 
 
@@ -963,9 +1012,11 @@ def _new_workspace(B, p, NPIV, device):
     and the queue at -1; each launch leaves them so for the next call."""
     import torch
 
-    sizes = dict(part_f=PF * p.SP, part_i=PI * p.SP, buf_x=p.SP * p.kloc, buf_y=p.SP * p.kloc,
-                 buf_i=p.SP * p.kloc, row_f=RF, row_i=RI0 + NPIV,
-                 k2_f=(NPIV + KF_EXTRA) * p.SP, k2_i=KI * p.SP, flat=p.SP * p.fslot)
+    sizes = dict(part_f=PF.value * p.SP, part_i=PI.value * p.SP, buf_x=p.SP * p.kloc,
+                 buf_y=p.SP * p.kloc, buf_i=p.SP * p.kloc, row_f=RF.value,
+                 row_i=RI0.value + NPIV, k2_f=(NPIV + KF_EXTRA.value) * p.SP,
+                 k2_i=KI.value * p.SP, flat=p.SP * p.fslot, scr_k=NSMALL.value,
+                 scr_e=NSMALL.value)
     # One allocation, every region 16-element aligned (Triton specialises on alignment).
     per = {k: triton.cdiv(B * v, 16) * 16 for k, v in sizes.items()}
     words = torch.empty(sum(per.values()), device=device, dtype=torch.int32)
@@ -973,7 +1024,7 @@ def _new_workspace(B, p, NPIV, device):
     for k, n in per.items():
         view = words[at:at + n]
         ws[k] = view.view(torch.float32) if k in ("part_f", "buf_x", "buf_y", "row_f",
-                                                  "k2_f", "flat") else view
+                                                  "k2_f", "flat", "scr_e") else view
         at += n
     qmax = B * max_jobs(NPIV)
     ctl = torch.zeros(triton.cdiv(B + 4, 16) * 16 + qmax, device=device, dtype=torch.int32)
@@ -1065,7 +1116,7 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
         r_t, float(r_v), t_t, float(t_v), p_t, float(p_v), e_t, float(e_v), x_t, float(x_v),
         *rand, *outs,
         ws["part_f"], ws["part_i"], ws["buf_x"], ws["buf_y"], ws["buf_i"], ws["row_f"],
-        ws["row_i"], ws["ctr"], ws["ctl"], ws["q"],
+        ws["row_i"], ws["scr_k"], ws["scr_e"], ws["ctr"], ws["ctl"], ws["q"],
         V, p.S,
         R_PER_ROW=r_row, T_PER_ROW=t_row, P_PER_ROW=p_row, KL=kl is not None,
         E_PER_ROW=e_row, X_PER_ROW=x_row, RNG=int(rng), OFF_PER_ROW=o_row,
@@ -1074,14 +1125,14 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
     )
     la_flat_kernel[(p.nprog,)](
         zp, z0, zp.stride(0), z0.stride(0), t_t, float(t_v), *rand, *outs,
-        ws["row_f"], ws["row_i"], ws["k2_f"], ws["k2_i"], ws["flat"], ws["ctr"], ws["ctl"],
-        ws["q"], V, p.S, p.nprog, ws["qmax"],
+        ws["row_f"], ws["row_i"], ws["k2_f"], ws["k2_i"], ws["flat"], ws["scr_k"],
+        ws["scr_e"], ws["ctr"], ws["ctl"], ws["q"], V, p.S, p.nprog, ws["qmax"],
         T_PER_ROW=t_row, RNG=int(rng), OFF_PER_ROW=o_row, GREEDY=bool(greedy),
         CHUNK=p.chunk, FSLOT=p.fslot, SP=p.SP, NPIV=pivots, QBLOCK=QBLOCK,
         num_warps=p.warps,
     )
     if paths:
-        return outs + (ws["row_i"][:B * (RI0 + pivots)].view(B, -1)[:, :2].clone(),)
+        return outs + (ws["row_i"][:B * (RI0.value + pivots)].view(B, -1)[:, :2].clone(),)
     return outs
 
 
