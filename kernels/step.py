@@ -486,17 +486,23 @@ def _arrive(ctr_ptr, row, S):
 
 # ------------------------------------------------------------------- launch 1: the finish
 @_helper
-def _finish_row(row, S, V, T, top_p, is_t0, inv_t, r_ptr, r_val, e_ptr, e_val, x_ptr, x_val,
+def _finish_row(row, S, V, t_ptr, t_val, p_ptr, p_val, r_ptr, r_val, e_ptr, e_val, x_ptr, x_val,
                 u_ptr, seed_ptr, seed_val, off_ptr, off_val,
                 tok_ptr, lp_ptr, nsz_ptr, status_ptr, ratio_ptr,
                 part_f, part_i, buf_x, buf_y, buf_i, row_f, row_i, scr_k, scr_e, ctl_ptr, q_ptr,
-                R_PER_ROW: tl.constexpr, KL: tl.constexpr, E_PER_ROW: tl.constexpr,
+                R_PER_ROW: tl.constexpr, T_PER_ROW: tl.constexpr, P_PER_ROW: tl.constexpr,
+                KL: tl.constexpr,
+                E_PER_ROW: tl.constexpr,
                 X_PER_ROW: tl.constexpr, RNG: tl.constexpr, OFF_PER_ROW: tl.constexpr,
                 GREEDY: tl.constexpr, KLOC: tl.constexpr, SP: tl.constexpr,
                 NPIV: tl.constexpr):
     """The last chunk of a row to arrive: merge the partials, check the candidate superset,
     and finish the row on the buffer, or hand it to launch 2."""
     row64 = row.to(tl.int64)
+    # (Parameters read again here: keeping them live from the chunk's work costs registers.)
+    T = _row_param(t_ptr, t_val, row, T_PER_ROW)
+    is_t0, inv_t = _temperature(T)
+    top_p = _row_param(p_ptr, p_val, row, P_PER_ROW)
     ss = tl.arange(0, SP)
     live = ss < S
     pf = part_f + row64 * (PF * SP)
@@ -621,9 +627,6 @@ def la_chunk_kernel(
     row = tl.program_id(1)
     # int64 row offsets: row * stride overflows int32 once B * V passes 2**31.
     row64 = row.to(tl.int64)
-    T = _row_param(t_ptr, t_val, row, T_PER_ROW)
-    top_p = _row_param(p_ptr, p_val, row, P_PER_ROW)
-    is_t0, inv_t = _temperature(T)
 
     # ---- the one read of both branches: the chunk as one register tile ----
     offs = s * CHUNK + tl.arange(0, CHUNK)
@@ -632,6 +635,8 @@ def la_chunk_kernel(
                 eviction_policy="evict_first").to(tl.float32)
     y = tl.load(z0_ptr + row64 * stride_0 + offs, mask=msk, other=float("-inf"),
                 eviction_policy="evict_first").to(tl.float32)
+    T = _row_param(t_ptr, t_val, row, T_PER_ROW)
+    is_t0, inv_t = _temperature(T)
     x, bx = _sanitize(x)
     y, by = _sanitize(y)
     bad = tl.max((bx | by).to(tl.int32), axis=0)
@@ -675,12 +680,12 @@ def la_chunk_kernel(
 
     # ---- the last chunk of the row to arrive finishes it ----
     if _arrive(ctr_ptr, row, S):
-        _finish_row(row, S, V, T, top_p, is_t0, inv_t, r_ptr, r_val, e_ptr, e_val, x_ptr,
+        _finish_row(row, S, V, t_ptr, t_val, p_ptr, p_val, r_ptr, r_val, e_ptr, e_val, x_ptr,
                     x_val, u_ptr, seed_ptr, seed_val, off_ptr, off_val,
                     tok_ptr, lp_ptr, nsz_ptr, status_ptr, ratio_ptr,
                     part_f, part_i, buf_x, buf_y, buf_i, row_f, row_i, scr_k, scr_e, ctl_ptr,
-                    q_ptr, R_PER_ROW, KL, E_PER_ROW, X_PER_ROW, RNG, OFF_PER_ROW, GREEDY, KLOC, SP,
-                    NPIV)
+                    q_ptr, R_PER_ROW, T_PER_ROW, P_PER_ROW, KL, E_PER_ROW, X_PER_ROW, RNG,
+                    OFF_PER_ROW, GREEDY, KLOC, SP, NPIV)
 
 
 # ---------------------------------------------------------------------------- launch 2
@@ -931,11 +936,11 @@ def la_flat_kernel(
 LEVELS = 16  # ladder levels of a chunk (d = 0.75 T ... 9 T, 12, 16, 24, 80)
 BISECT = 5  # bisection steps over LEVELS + 1 states
 K_PIVOTS = 16  # pivots per bracketing round (2 ends, 7 in key space, 7 in value)
-BUF_SLOTS = 1024  # candidate slots per row (KLOC = BUF_SLOTS / chunks, at least 32)
+BUF_SLOTS = 1024  # candidate slots per row (KLOC = BUF_SLOTS / chunks, at least MIN_KLOC)
 FLAT_SLOTS = 1024  # flat-buffer slots per row for a SEARCH job's bracket
-MIN_KLOC = 32
+MIN_KLOC = 16
 MIN_FSLOT = 16
-MAX_CHUNKS = 32  # chunks per row at most (CHUNK grows past MIN_CHUNK for larger V)
+MAX_CHUNKS = 64  # chunks per row at most (CHUNK grows past MIN_CHUNK for larger V)
 MIN_CHUNK = 4096
 QBLOCK = 256
 
@@ -969,9 +974,10 @@ def plan(B, V, device, chunk=None, kloc=None, fslot=None, nprog=None):
         kloc = min(chunk, max(MIN_KLOC, BUF_SLOTS // SP))
     if fslot is None:
         fslot = min(chunk, max(MIN_FSLOT, FLAT_SLOTS // SP))
-    # 16 logits a thread: 126 registers at 4096 logits and 8 warps, 117 at 8192 and 16 warps
-    # (sm_90, tests/test_compile.py), so two or one programs of 256 or 512 threads an SM.
-    warps = min(16, max(1, chunk // 512))
+    # 16 logits a thread: 126 registers at 4096 logits and 8 warps (sm_90,
+    # tests/test_compile.py), so two programs an SM. (Past V = 262144 the chunks grow to
+    # 8192 logits and 16 warps, where a few registers spill.)
+    warps = min(16, max(4, chunk // 512))
     if nprog is None:
         nprog = _sm_count(device) if device.type == "cuda" else 2
     return Plan(chunk, S, SP, kloc, fslot, warps, nprog)
