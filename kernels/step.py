@@ -943,6 +943,7 @@ MIN_FSLOT = 16
 MAX_CHUNKS = 64  # chunks per row at most (CHUNK grows past MIN_CHUNK for larger V)
 MIN_CHUNK = 4096
 QBLOCK = 256
+WORKSPACES = 8  # workspaces kept (per device, stream and cut of the row)
 
 
 #: How a [B, V] step is cut: logits per chunk, chunks per row S and their power of two SP,
@@ -961,10 +962,22 @@ def _sm_count(device):
     return _SMS[device]
 
 
+_PLANS = {}
+
+
 def plan(B, V, device, chunk=None, kloc=None, fslot=None, nprog=None):
     """The cut of a row (module docstring): chunks of MIN_CHUNK logits or more, at most
-    MAX_CHUNKS per row, every chunk a program of launch 1 whatever B. ``chunk``, ``kloc``,
-    ``fslot`` and ``nprog`` override the defaults (powers of two; tests use small ones)."""
+    MAX_CHUNKS per row, every chunk a program of launch 1 whatever B (which the cut does not
+    depend on). ``chunk``, ``kloc``, ``fslot`` and ``nprog`` override the defaults (powers
+    of two; tests use small ones)."""
+    key = (V, device, chunk, kloc, fslot, nprog)
+    p = _PLANS.get(key)
+    if p is None:
+        p = _PLANS[key] = _plan(V, device, chunk, kloc, fslot, nprog)
+    return p
+
+
+def _plan(V, device, chunk, kloc, fslot, nprog):
     if chunk is None:
         chunk = max(MIN_CHUNK, triton.next_power_of_2(triton.cdiv(V, MAX_CHUNKS)))
         chunk = min(chunk, max(16, triton.next_power_of_2(V)))
@@ -1014,7 +1027,7 @@ def max_jobs(NPIV):
 
 
 def _new_workspace(B, p, NPIV, device):
-    """The per-row workspace and the counters (module docstring). Counters start at zero
+    """The workspace and the counters of B rows (module docstring). Counters start at zero
     and the queue at -1; each launch leaves them so for the next call."""
     import torch
 
@@ -1026,7 +1039,7 @@ def _new_workspace(B, p, NPIV, device):
     # One allocation, every region 16-element aligned (Triton specialises on alignment).
     per = {k: triton.cdiv(B * v, 16) * 16 for k, v in sizes.items()}
     words = torch.empty(sum(per.values()), device=device, dtype=torch.int32)
-    ws, at = {}, 0
+    ws, at = {"rows": B}, 0
     for k, n in per.items():
         view = words[at:at + n]
         ws[k] = view.view(torch.float32) if k in ("part_f", "buf_x", "buf_y", "row_f",
@@ -1040,26 +1053,39 @@ def _new_workspace(B, p, NPIV, device):
     return ws
 
 
-def _workspace(B, V, p, NPIV, device):
-    """A workspace for this shape, reused by later calls on the same stream (launches on
-    one stream run in order, so a call never overwrites what an earlier one still reads). A
-    call captured in a CUDA graph gets its own (the graph keeps it); so does every call
-    through the interpreter, which runs on the host."""
+def _stream_id(device):
+    import torch
+
+    if device.type != "cuda":
+        return 0
+    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # a plain int, no object
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return get(index) if get is not None else torch.cuda.current_stream(device).cuda_stream
+
+
+def _workspace(B, p, NPIV, device):
+    """A workspace for at least B rows of this cut, reused by later calls on the same
+    stream (launches on one stream run in order, so a call never overwrites what an
+    earlier one still reads; a smaller batch uses the first rows of a larger workspace). A
+    call being captured in a CUDA graph gets one of its own, which the graph keeps (its
+    allocation and zeroing are captured too). At most WORKSPACES are kept."""
     import torch
 
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return _new_workspace(B, p, NPIV, device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream, B, V, p, NPIV)
-    ws = _WORKSPACES.get(key)
-    if ws is None:
-        ws = _WORKSPACES[key] = _new_workspace(B, p, NPIV, device)
+    key = (device, _stream_id(device), p, NPIV)
+    ws = _WORKSPACES.pop(key, None)
+    if ws is None or ws["rows"] < B:
+        ws = _new_workspace(triton.next_power_of_2(B), p, NPIV, device)
+    _WORKSPACES[key] = ws  # most recently used last
+    while len(_WORKSPACES) > WORKSPACES:
+        _WORKSPACES.pop(next(iter(_WORKSPACES)))
     return ws
 
 
 def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, seed=None,
             offset=0, kl=None, chunk=None, kloc=None, fslot=None, nprog=None, pivots=K_PIVOTS,
-            paths=False):
+            paths=False, events=None):
     """Launch the step over a [B, V] batch (no host synchronisation): two launches.
 
     logits_p, logits_0: [B, V] fp32/bf16/fp16 on one device, last dim contiguous.
@@ -1076,7 +1102,9 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
     at least 4); ``paths=True`` also returns an
     int32 [B, 2] tensor: the path each row took (0: finished on the candidate buffer by
     launch 1; 1: finished by launch 2 with the threshold known; 2: by launch 2 after a
-    threshold search) and its number of launch-2 jobs.
+    threshold search) and its number of launch-2 jobs. ``events``: three CUDA events,
+    recorded before launch 1, between the launches and after launch 2
+    (benchmarks/kernel_paths.py times each launch with them).
     Returns (tokens int64 [B], logprobs fp32 [B], nucleus_size int32 [B], status int32 [B],
     ratio fp32 [B]: the ratio each row used, 0 where it fell back).
     """
@@ -1114,9 +1142,11 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
     else:
         rng, u_t, s_t, s_v = source.SEED, dummy_f, dummy_i, int(seed)
     p = plan(B, V, dev, chunk, kloc, fslot, nprog)
-    ws = _workspace(B, V, p, pivots, dev)
+    ws = _workspace(B, p, pivots, dev)
     rand = (u_t, s_t, s_v, o_t, int(o_v))
     outs = (tokens, logprobs, nsz, status, used)
+    if events is not None:
+        events[0].record()
     la_chunk_kernel[(p.S, B)](
         zp, z0, zp.stride(0), z0.stride(0),
         r_t, float(r_v), t_t, float(t_v), p_t, float(p_v), e_t, float(e_v), x_t, float(x_v),
@@ -1129,6 +1159,8 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
         GREEDY=bool(greedy), CHUNK=p.chunk, KLOC=p.kloc, SP=p.SP, NPIV=pivots, L=LEVELS,
         NBIS=BISECT, num_warps=p.warps,
     )
+    if events is not None:
+        events[1].record()
     la_flat_kernel[(p.nprog,)](
         zp, z0, zp.stride(0), z0.stride(0), t_t, float(t_v), *rand, *outs,
         ws["row_f"], ws["row_i"], ws["k2_f"], ws["k2_i"], ws["flat"], ws["scr_k"],
@@ -1137,6 +1169,8 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
         CHUNK=p.chunk, FSLOT=p.fslot, SP=p.SP, NPIV=pivots, QBLOCK=QBLOCK,
         num_warps=p.warps,
     )
+    if events is not None:
+        events[2].record()
     if paths:
         return outs + (ws["row_i"][:B * (RI0.value + pivots)].view(B, -1)[:, :2].clone(),)
     return outs

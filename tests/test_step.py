@@ -466,3 +466,44 @@ def test_search_branches(case, device):
         got = linalign.StepOutput(*la_step(zp, z0, kw["ratio"], kw["temperature"], kw["top_p"],
                                            greedy=kw["greedy"], seed=case, pivots=4, **extra))
         assert_same_step(got, want, zp, kw["temperature"], kw["top_p"], logprob_atol=1e-3)
+
+
+def test_kernel_paths_and_reused_workspace(device):
+    """Peaked rows finish in launch 1 on their candidates; flat rows (a nucleus of
+    thousands), top_p = 1 rows with more candidates than the buffer, and T = 0 rows with
+    more ties at the max than a chunk's slots take launch 2 (a threshold search, or a SCORE
+    with the threshold known). The workspace kept for a cut of the row serves later calls
+    with fewer rows, and every launch leaves its counters and queue as it found them, so
+    the same calls give the same results again, in any order."""
+    from linalign.kernels import step as ks
+
+    V = 3000
+    peaked, _ = two_branch(2, V, seed=31, temperature=0.5)
+    flat, _ = two_branch(2, V, seed=32, temperature=0.5, steepness=1.0)
+    ties = torch.zeros(1, V)
+    ties[0, ::2] = 4.0  # 1500 tokens tied at the max, 512 a chunk
+    zp = torch.cat([peaked, flat, flat[:1], ties]).to(device)
+    z0 = (zp + 0.5 * torch.randn(zp.shape, generator=torch.Generator().manual_seed(0))
+          .to(device))
+    T = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5, 0.0], device=device)
+    top_p = torch.tensor([0.8, 0.8, 0.95, 0.9, 1.0, 0.9], device=device)
+    kw = dict(greedy=False, seed=torch.arange(6, device=device) + 1, chunk=1024, nprog=3)
+    *got, paths = ks.la_step(zp, z0, 3.0, T, top_p, paths=True, **kw)
+    assert paths[:, 0].tolist() == [0, 0, 2, 2, 1, 1], paths
+    want = linalign.step(zp, z0, ratio=3.0, temperature=T, top_p=top_p, greedy=False,
+                         seed=kw["seed"], backend="reference")
+    assert_same_step(linalign.StepOutput(*got), want, zp, T, top_p)
+    counts = ks.step_paths(zp, z0, 3.0, T, top_p, **kw)
+    assert counts["buffer"] == 2 and counts["search"] == 2 and counts["score"] == 2
+    assert counts["jobs"] == int(paths[:, 1].sum()) >= 4
+    ws = next(w for k, w in ks._WORKSPACES.items() if k[2].chunk == 1024 and k[0] == zp.device)
+    for part in (ws["ctr"], ws["ctl"]):
+        assert (part == 0).all(), part  # reset by the last program of each launch
+    assert (ws["q"] == -1).all()
+    # Fewer rows (the flat ones first) on the same workspace, then all of them again.
+    part = ks.la_step(zp[2:4], z0[2:4], 3.0, T[2:4], top_p[2:4], greedy=False,
+                      seed=kw["seed"][2:4], chunk=1024, nprog=3)
+    assert torch.equal(part[0], got[0][2:4]) and torch.equal(part[2], got[2][2:4])
+    again = ks.la_step(zp, z0, 3.0, T, top_p, **kw)
+    for a, b in zip(got, again):
+        assert torch.equal(a, b)
