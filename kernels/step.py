@@ -1,10 +1,10 @@
 """Triton kernels for a Linear Alignment decoding step (docs/semantics.md), at one read of
 both branches per row.
 
-A row of V logits is cut into S chunks of CHUNK logits (4096 to 8192 on a GPU, so that a
-row has at most 32 of them), and every chunk is one program of a (S, B) grid, whatever B:
-the GPU is as full at B = 1 as at B = 100. All arithmetic is fp32 after the load (bf16
-and fp16 are converted at once). Two launches per step.
+A row of V logits is cut into S chunks of CHUNK logits (4096 on a GPU up to V = 262144,
+8192 past it, so that a row has at most 64 of them), and every chunk is one program of a
+(S, B) grid, whatever B: the GPU is as full at B = 1 as at B = 100. All arithmetic is fp32
+after the load (bf16 and fp16 are converted at once). Two launches per step.
 
 **Launch 1, ``la_chunk_kernel``**: each program loads its chunk of both branches once, as
 one register tile, and computes from it:
@@ -17,8 +17,9 @@ one register tile, and computes from it:
   two-pass in registers;
 - its **cut** ``c_s``: the deepest of L = 16 levels ``m_c - d_j T`` (``d_j`` = 0.75, 1.5,
   ..., 9, then 12, 16, 24 and 80, the gap rule's distance) with at most KLOC finite logits
-  at or above it, found by bisection over the levels (five block reductions); if even the
-  tightest level holds more, the cut is just above ``m_c`` and the chunk emits nothing;
+  at or above it (KLOC = 1024 / S slots, 16 at least), found by bisection over the levels
+  (five block reductions); if even the tightest level holds more, the cut is just above
+  ``m_c`` and the chunk emits nothing;
 - the **candidates**: its logits at or above ``c_s``, with their ids and their
   without-branch logits, written in vocabulary order to the row's candidate buffer at
   slots ``s * KLOC ...`` (a ``cumsum`` gives each one its slot).
@@ -40,10 +41,12 @@ visible to whoever arrives last). **The last program of the row to arrive finish
   the ties at ``m``, in the buffer when no chunk overflowed at its max.) This check is
   exact, so the choice of levels is only a heuristic for how often it passes;
 - the threshold: ``tau`` = the smallest key whose mass strictly above is below ``top_p *
-  Z``, by bracketing on the buffer (``_tau_search``: 16 pivots per round, half spread in
-  key space, which bounds the rounds, half in value; when at most 16 candidates remain in
-  the bracket each is tested exactly). Keys are the order-preserving int32 images of the
-  fp32 logits, so ties stay together and only the fp32 mass sums round;
+  Z``, by bracketing on the buffer (``_tau_search``: two rounds of 16 pivots, half spread
+  in key space, half in value, then the at most 64 candidates left in the bracket each
+  tested exactly against the others; a bracket still holding more, of dense or tied
+  candidates, goes to launch 2 as a SEARCH of that bracket). Keys are the order-preserving
+  int32 images of the fp32 logits, so ties stay together and only the fp32 mass sums
+  round;
 - the aligned scores ``a = z_p + r (z_p - z_0)`` on N (the without-branch logits are in the
   buffer), banning and the fallback to ``r = 0``, the first argmax, the softmax sum and the
   inverse-CDF draw in vocabulary order with the counter-based uniform ``tl.rand(seed,
@@ -67,20 +70,24 @@ deadlock whatever the number of resident programs (the decoupled look-back argum
 the interpreter, which runs programs one after another, never waits. Jobs:
 
 - SEARCH (lo, hi, 16 pivots): each chunk sums the mass above every pivot and copies its
-  logits in (lo, hi] to the row's flat buffer (FSLOT slots per chunk). The last task
-  merges: if every chunk's logits fitted, ``tau`` is resolved exactly on the flat buffer
-  (with the mass above hi from the pivot sums); otherwise the pivots give a narrower
-  bracket and the next SEARCH. Key-space pivots shrink the bracket at least eightfold per
-  round, so a row takes at most 11 rounds; a realistic flat row takes two.
+  logits in (lo, hi] to the row's flat buffer (FSLOT = 1024 / S slots per chunk). The last
+  task merges: if every chunk's logits fitted, ``tau`` is resolved exactly on the flat
+  buffer (``_tau_search`` again, with the mass above hi from the pivot sums); otherwise
+  the pivots give a narrower bracket and the next SEARCH. Key-space pivots shrink the
+  bracket at least eightfold per round, so a row takes at most 11 rounds (``max_jobs``
+  sizes the queue for that); a realistic flat row takes two.
 - SCORE (tau known): each chunk reduces its nucleus tokens (the without-branch read there
   only): count, max aligned score and its first id, the softmax sum relative to that max,
   and the same for the plain scores (the fallback). The last task merges them in chunk
   order, and for a sampled row finds the chunk where the running mass crosses ``u``
   times the total and scans that one chunk in vocabulary order for the token.
 
-No program ever works on more than one chunk of a row's logits, or on more than one
-buffer; every cross-chunk reduction is a max, min or sum in chunk order, so results are
-deterministic and depend on the split only through fp32 rounding of sums.
+No program reads more than two chunks of a row (its own, and for a sampled row finished in
+launch 2 the one chunk its draw falls in) or more than one buffer of about 1024 entries.
+Every cross-chunk reduction is a max, min or sum in chunk order, so results are
+deterministic and depend on the split only through fp32 rounding of sums. Reads of what
+other programs wrote bypass L1 (``cache_modifier=".cg"``); launch 2 polls with volatile
+loads and acquires with an atomic.
 """
 import collections
 import os
