@@ -70,17 +70,23 @@ deadlock whatever the number of resident programs (the decoupled look-back argum
 the interpreter, which runs programs one after another, never waits. Jobs:
 
 - SEARCH (lo, hi, 16 pivots): each chunk sums the mass above every pivot and copies its
-  logits in (lo, hi] to the row's flat buffer (FSLOT = 1024 / S slots per chunk). The last
-  task merges: if every chunk's logits fitted, ``tau`` is resolved exactly on the flat
-  buffer (``_tau_search`` again, with the mass above hi from the pivot sums); otherwise
-  the pivots give a narrower bracket and the next SEARCH. Key-space pivots shrink the
-  bracket at least eightfold per round, so a row takes at most 11 rounds (``max_jobs``
-  sizes the queue for that); a realistic flat row takes two.
-- SCORE (tau known): each chunk reduces its nucleus tokens (the without-branch read there
-  only): count, max aligned score and its first id, the softmax sum relative to that max,
-  and the same for the plain scores (the fallback). The last task merges them in chunk
-  order, and for a sampled row finds the chunk where the running mass crosses ``u``
-  times the total and scans that one chunk in vocabulary order for the token.
+  logits in (lo, hi], with their ids, to the row's flat buffer (FSLOT = 1024 / S slots per
+  chunk); a chunk whose logits fitted also reduces its tokens above hi (in N whatever tau
+  is) as a SCORE task does. The last task merges: if every chunk's logits fitted, ``tau``
+  is resolved exactly on the flat buffer (``_tau_search`` again, with the mass above hi
+  from the pivot sums) and the row is finished at once: N is the chunks' tokens above hi
+  and the buffer's from tau up (their without-branch logits gathered then). Otherwise the
+  pivots give a narrower bracket and the next SEARCH. Key-space pivots shrink the bracket
+  at least eightfold per round, so a row takes at most 11 rounds (``max_jobs`` sizes the
+  queue for that); a realistic flat row takes two.
+- SCORE (tau known: top_p = 1, T = 0, or a bracket narrowed to one key): each chunk
+  reduces its nucleus tokens (the without-branch read there only): count, max aligned
+  score and its first id, the softmax sum relative to that max, and the same for the
+  plain scores (the fallback).
+
+The finish in launch 2 merges the chunks' reductions in chunk order, and for a sampled row
+finds the chunk where the running mass crosses ``u`` times the total and scans that one
+chunk in vocabulary order for the token.
 
 No program reads more than two chunks of a row (its own, and for a sampled row finished in
 launch 2 the one chunk its draw falls in) or more than one buffer of about 1024 entries.
@@ -697,10 +703,13 @@ def la_chunk_kernel(
 
 # ---------------------------------------------------------------------------- launch 2
 @_helper
-def _search_task(rowp, s, V, m, inv_t, lo, hi, ri, kf, ki, flat, CHUNK: tl.constexpr,
-                 FSLOT: tl.constexpr, NPIV: tl.constexpr, SP: tl.constexpr):
+def _search_task(rowp, row0, s, V, m, r, inv_t, lo, hi, ri, kf, ki, flat, flat_i,
+                 CHUNK: tl.constexpr, FSLOT: tl.constexpr, NPIV: tl.constexpr,
+                 SP: tl.constexpr):
     """A SEARCH job's chunk task: the mass strictly above each pivot, and the chunk's logits
-    in (lo, hi] copied to its slots of the flat buffer (as many as fit; the count is kept)."""
+    in (lo, hi] with their ids copied to its slots of the flat buffer (as many as fit; the
+    count is kept). If they all fit, also the SCORE reductions of the chunk's tokens above
+    hi (in N whatever tau is): the job's last task can then finish the row at once."""
     offs = s * CHUNK + tl.arange(0, CHUNK)
     msk = offs < V
     x = _load_row(rowp, offs, msk)
@@ -711,21 +720,23 @@ def _search_task(rowp, s, V, m, inv_t, lo, hi, ri, kf, ki, flat, CHUNK: tl.const
         tl.store(kf + i * SP + s, tl.sum(tl.where(k > p, e, 0.0), axis=0))
     sel = msk & (k > lo) & (k <= hi) & (x > float("-inf"))
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    tl.store(flat + s * FSLOT + pos, x, mask=sel & (pos < FSLOT))
-    tl.store(ki + J_EMIT * SP + s, tl.sum(sel.to(tl.int32), axis=0))
+    put = sel & (pos < FSLOT)
+    tl.store(flat + s * FSLOT + pos, x, mask=put)
+    tl.store(flat_i + s * FSLOT + pos, offs, mask=put)
+    n_sel = tl.sum(sel.to(tl.int32), axis=0)
+    tl.store(ki + J_EMIT * SP + s, n_sel)
+    if n_sel <= FSLOT:
+        _score_reduce(row0, x, k > hi, offs, msk, s, m, r, inv_t, kf, ki, NPIV, SP)
 
 
 @_helper
-def _score_task(rowp, row0, s, V, m, r, inv_t, tau, kf, ki, CHUNK: tl.constexpr,
-                NPIV: tl.constexpr, SP: tl.constexpr):
-    """A SCORE job's chunk task: the chunk's nucleus tokens (keys >= tau) reduced to their
-    count, max aligned score and first argmax, softmax sum relative to that max, and the
-    plain scores' sum and first argmax (for a row that falls back)."""
-    offs = s * CHUNK + tl.arange(0, CHUNK)
-    msk = offs < V
-    x = _load_row(rowp, offs, msk)
-    in_n = msk & (_key(x) >= tau) & (x > float("-inf"))
-    y = _load_row(row0, offs, in_n)  # the without-branch only on the nucleus
+def _score_reduce(row0, x, keep, offs, msk, s, m, r, inv_t, kf, ki, NPIV: tl.constexpr,
+                  SP: tl.constexpr):
+    """The chunk's tokens in ``keep`` (nucleus tokens) reduced to their count, max aligned
+    score and first argmax, softmax sum relative to that max, and the plain scores' sum and
+    first argmax (for a row that falls back); the without-branch is read at them only."""
+    in_n = msk & keep & (x > float("-inf"))
+    y = _load_row(row0, offs, in_n)
     ok = in_n & (y > float("-inf"))
     a = tl.where(ok, _aligned(x, y, r), float("-inf"))
     a_max = tl.max(a, axis=0)
@@ -741,10 +752,22 @@ def _score_task(rowp, row0, s, V, m, r, inv_t, tau, kf, ki, CHUNK: tl.constexpr,
 
 
 @_helper
+def _score_task(rowp, row0, s, V, m, r, inv_t, tau, kf, ki, CHUNK: tl.constexpr,
+                NPIV: tl.constexpr, SP: tl.constexpr):
+    """A SCORE job's chunk task: the reductions of the chunk's nucleus tokens (keys >= tau)."""
+    offs = s * CHUNK + tl.arange(0, CHUNK)
+    msk = offs < V
+    x = _load_row(rowp, offs, msk)
+    _score_reduce(row0, x, _key(x) >= tau, offs, msk, s, m, r, inv_t, kf, ki, NPIV, SP)
+
+
+@_helper
 def _search_merge(row, S, m, inv_t, thr, ri, kf, ki, flat, scr_k, scr_e, FSLOT: tl.constexpr,
                   NPIV: tl.constexpr, SP: tl.constexpr):
     """The last task of a SEARCH job: tau on the flat buffer if every chunk's bracket
-    fitted, else a narrower bracket; writes the next job (SCORE or SEARCH) to the row state."""
+    fitted, else a narrower bracket. Returns (done, tau): done when tau is resolved, so that
+    the row is finished from the chunks' reductions of their tokens above hi and the
+    buffer's tokens from tau; otherwise the next job (SCORE or SEARCH) is in the row state."""
     ss = tl.arange(0, SP)
     live = ss < S
     ii = tl.arange(0, NPIV)
@@ -777,17 +800,20 @@ def _search_merge(row, S, m, inv_t, thr, ri, kf, ki, flat, scr_k, scr_e, FSLOT: 
     tl.store(ri + S_HI, hi)
     tl.store(ri + S_TAU, tl.where(done, tau, lo + 1))
     tl.store(ri + S_MODE, tl.where(more, MODE_SEARCH, MODE_SCORE))
+    return done, tau
 
 
 @_helper
-def _score_merge(row, S, V, m, r, inv_t, tau, is_t0, rowp, row0, kf, ki,
-                 u_ptr, seed_ptr, seed_val, off_ptr, off_val,
+def _score_merge(row, S, V, m, r, inv_t, tau, is_t0, rowp, row0, kf, ki, flat, flat_i,
+                 has_buf, u_ptr, seed_ptr, seed_val, off_ptr, off_val,
                  tok_ptr, lp_ptr, nsz_ptr, status_ptr, ratio_ptr, status,
                  RNG: tl.constexpr, OFF_PER_ROW: tl.constexpr, GREEDY: tl.constexpr,
-                 CHUNK: tl.constexpr, NPIV: tl.constexpr, SP: tl.constexpr):
-    """The last task of a SCORE job: merge the chunks' reductions in chunk order; for a
-    sampled row, find the chunk where the running mass crosses u times the total and scan
-    that one chunk in vocabulary order."""
+                 CHUNK: tl.constexpr, NPIV: tl.constexpr, SP: tl.constexpr,
+                 FSLOT: tl.constexpr):
+    """The row's finish in launch 2: merge the chunks' reductions in chunk order (has_buf:
+    and the nucleus tokens of the flat buffer, tau and up, which a SEARCH job's chunks left
+    out of theirs); for a sampled row, find the chunk where the running mass crosses u times
+    the total and scan that one chunk in vocabulary order."""
     ss = tl.arange(0, SP)
     live = ss < S
     n_in = tl.sum(tl.load(ki + J_N * SP + ss, mask=live, other=0, cache_modifier=".cg"), axis=0)
@@ -798,16 +824,44 @@ def _score_merge(row, S, V, m, r, inv_t, tau, is_t0, rowp, row0, kf, ki,
     aarg_s = tl.load(ki + J_AARG * SP + ss, mask=live, other=NO_IDX, cache_modifier=".cg")
     parg_s = tl.load(ki + J_PARG * SP + ss, mask=live, other=NO_IDX, cache_modifier=".cg")
     a_max = tl.max(amax_s, axis=0)
+    a_arg = tl.min(tl.where((amax_s == a_max) & (amax_s > float("-inf")), aarg_s, NO_IDX),
+                   axis=0)
+    p_arg = tl.min(parg_s, axis=0)
+    # The buffer's entries (has_buf): chunk c at slots c * FSLOT + [0, count), vocabulary
+    # order. Their weights are taken relative to the merged max and added to their chunks'.
+    wa_b = tl.zeros((SP,), tl.float32)
+    wp_b = tl.zeros((SP,), tl.float32)
+    if has_buf:
+        NF: tl.constexpr = SP * FSLOT
+        jf = tl.arange(0, NF)
+        ch = jf // FSLOT
+        cnt = tl.load(ki + J_EMIT * SP + ch, mask=ch < S, other=0, cache_modifier=".cg")
+        valid = (ch < S) & ((jf % FSLOT) < cnt)
+        bx = tl.load(flat + jf, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        bi = tl.load(flat_i + jf, mask=valid, other=0, cache_modifier=".cg")
+        b_in = valid & (_key(bx) >= tau) & (bx > float("-inf"))
+        by = _load_row(row0, bi, b_in)  # the without-branch at these nucleus tokens only
+        ba = tl.where(b_in & (by > float("-inf")), _aligned(bx, by, r), float("-inf"))
+        n_in += tl.sum(b_in.to(tl.int32), axis=0)
+        b_max = tl.max(ba, axis=0)
+        b_arg = tl.min(tl.where((ba == b_max) & (ba > float("-inf")), bi, NO_IDX), axis=0)
+        a_arg = tl.where(b_max > a_max, b_arg,
+                         tl.where(b_max == a_max, tl.minimum(a_arg, b_arg), a_arg))
+        a_max = tl.maximum(a_max, b_max)
+        p_arg = tl.minimum(p_arg, tl.min(tl.where(b_in & (bx == m), bi, NO_IDX), axis=0))
+        ref_b = tl.where(a_max == float("-inf"), 0.0, a_max)
+        wa_b = tl.sum(tl.reshape(tl.exp((ba - ref_b) * inv_t), (SP, FSLOT)), axis=1)
+        wp_b = tl.sum(tl.reshape(tl.where(b_in, tl.exp((bx - m) * inv_t), 0.0), (SP, FSLOT)),
+                      axis=1)
     ref = tl.where(a_max == float("-inf"), 0.0, a_max)
-    wa_s = tl.where(amax_s > float("-inf"), asum_s * tl.exp((amax_s - ref) * inv_t), 0.0)
+    wa_s = tl.where(amax_s > float("-inf"), asum_s * tl.exp((amax_s - ref) * inv_t), 0.0) + wa_b
+    wp_s = psum_s + wp_b
     fallback = (a_max == float("-inf")) & (n_in > 0)  # banning emptied N: r taken as 0
     r_eff = tl.where(fallback, 0.0, r)
-    w_s = tl.where(fallback, psum_s, wa_s)
+    w_s = tl.where(fallback, wp_s, wa_s)
     s_sum = tl.sum(w_s, axis=0)
     s_max = tl.where(fallback, m, a_max)
-    token = tl.where(fallback, tl.min(parg_s, axis=0),
-                     tl.min(tl.where((amax_s == a_max) & (amax_s > float("-inf")), aarg_s,
-                                     NO_IDX), axis=0))
+    token = tl.where(fallback, p_arg, a_arg)
     s_tok = s_max
     if not GREEDY:
         u = _uniform(u_ptr, seed_ptr, seed_val, off_ptr, off_val, row, RNG, OFF_PER_ROW)
@@ -840,15 +894,42 @@ def _score_merge(row, S, V, m, r, inv_t, tau, is_t0, rowp, row0, kf, ki,
 
 
 @_noinline
-def _flat_task(row, s, zp_ptr, z0_ptr, stride_p, stride_0, t_ptr, t_val, V, S,
-               u_ptr, seed_ptr, seed_val, off_ptr, off_val,
-               tok_ptr, lp_ptr, nsz_ptr, status_ptr, ratio_ptr,
-               row_f, row_i, k2_f, k2_i, flat, scr_k, scr_e, ctr_ptr, ctl_ptr, q_ptr,
-               T_PER_ROW: tl.constexpr, RNG: tl.constexpr, OFF_PER_ROW: tl.constexpr,
-               GREEDY: tl.constexpr, CHUNK: tl.constexpr, FSLOT: tl.constexpr,
+def _flat_task(row, s, zp_ptr, z0_ptr, stride_p, stride_0, t_ptr, t_val, V,
+               row_f, row_i, k2_f, k2_i, flat, flat_i,
+               T_PER_ROW: tl.constexpr, CHUNK: tl.constexpr, FSLOT: tl.constexpr,
                SP: tl.constexpr, NPIV: tl.constexpr):
-    """One chunk task of a launch-2 job; the last task of the job to arrive merges and
-    publishes the next job, or writes the row's outputs."""
+    """One chunk task of a launch-2 job (its row's state says which)."""
+    row64 = row.to(tl.int64)
+    rf = row_f + row64 * RF
+    ri = row_i + row64 * (RI0 + NPIV)
+    kf = k2_f + row64 * ((NPIV + KF_EXTRA) * SP)
+    ki = k2_i + row64 * (KI * SP)
+    T = _row_param(t_ptr, t_val, row, T_PER_ROW)
+    is_t0, inv_t = _temperature(T)
+    m = tl.load(rf + R_M, cache_modifier=".cg")
+    r = tl.load(rf + R_R, cache_modifier=".cg")
+    rowp = zp_ptr + row64 * stride_p
+    row0 = z0_ptr + row64 * stride_0
+    if tl.load(ri + S_MODE, cache_modifier=".cg") == MODE_SEARCH:
+        _search_task(rowp, row0, s, V, m, r, inv_t, tl.load(ri + S_LO, cache_modifier=".cg"),
+                     tl.load(ri + S_HI, cache_modifier=".cg"), ri, kf, ki,
+                     flat + row64 * (SP * FSLOT), flat_i + row64 * (SP * FSLOT), CHUNK, FSLOT,
+                     NPIV, SP)
+    else:
+        _score_task(rowp, row0, s, V, m, r, inv_t, tl.load(ri + S_TAU, cache_modifier=".cg"),
+                    kf, ki, CHUNK, NPIV, SP)
+
+
+@_noinline
+def _flat_merge(row, zp_ptr, z0_ptr, stride_p, stride_0, t_ptr, t_val, V, S,
+                u_ptr, seed_ptr, seed_val, off_ptr, off_val,
+                tok_ptr, lp_ptr, nsz_ptr, status_ptr, ratio_ptr,
+                row_f, row_i, k2_f, k2_i, flat, flat_i, scr_k, scr_e, ctl_ptr, q_ptr,
+                T_PER_ROW: tl.constexpr, RNG: tl.constexpr, OFF_PER_ROW: tl.constexpr,
+                GREEDY: tl.constexpr, CHUNK: tl.constexpr, FSLOT: tl.constexpr,
+                SP: tl.constexpr, NPIV: tl.constexpr):
+    """The last task of a launch-2 job to arrive: merge, then publish the row's next job or
+    write its outputs. (A function of its own: what the task held is dead here.)"""
     row64 = row.to(tl.int64)
     rowp = zp_ptr + row64 * stride_p
     row0 = z0_ptr + row64 * stride_0
@@ -857,33 +938,32 @@ def _flat_task(row, s, zp_ptr, z0_ptr, stride_p, stride_0, t_ptr, t_val, V, S,
     kf = k2_f + row64 * ((NPIV + KF_EXTRA) * SP)
     ki = k2_i + row64 * (KI * SP)
     fl = flat + row64 * (SP * FSLOT)
+    fli = flat_i + row64 * (SP * FSLOT)
     T = _row_param(t_ptr, t_val, row, T_PER_ROW)
     is_t0, inv_t = _temperature(T)
     m = tl.load(rf + R_M, cache_modifier=".cg")
-    mode = tl.load(ri + S_MODE, cache_modifier=".cg")
-    tau = tl.load(ri + S_TAU, cache_modifier=".cg")
     r = tl.load(rf + R_R, cache_modifier=".cg")
-    if mode == MODE_SEARCH:
-        _search_task(rowp, s, V, m, inv_t, tl.load(ri + S_LO, cache_modifier=".cg"),
-                     tl.load(ri + S_HI, cache_modifier=".cg"), ri, kf, ki, fl, CHUNK, FSLOT,
-                     NPIV, SP)
-    else:
-        _score_task(rowp, row0, s, V, m, r, inv_t, tau, kf, ki, CHUNK, NPIV, SP)
-    if _arrive(ctr_ptr, row, S):
-        if mode == MODE_SEARCH:
-            _search_merge(row, S, m, inv_t, tl.load(rf + R_THR, cache_modifier=".cg"), ri, kf,
-                          ki, fl, scr_k + row64 * NSMALL, scr_e + row64 * NSMALL, FSLOT, NPIV,
-                          SP)
+    tau = tl.load(ri + S_TAU, cache_modifier=".cg")
+    status = tl.load(ri + S_STATUS, cache_modifier=".cg")
+    finish = tl.load(ri + S_MODE, cache_modifier=".cg") != MODE_SEARCH
+    has_buf = tl.zeros((), tl.int1)
+    if ~finish:
+        finish, tau = _search_merge(row, S, m, inv_t, tl.load(rf + R_THR, cache_modifier=".cg"),
+                                    ri, kf, ki, fl, scr_k + row64 * NSMALL,
+                                    scr_e + row64 * NSMALL, FSLOT, NPIV, SP)
+        # Resolved: N is the chunks' tokens above the job's hi (reduced by the chunks
+        # already) and the buffer's tokens from tau up.
+        has_buf = finish
+        if ~finish:
             tl.store(ri + S_JOBS, tl.load(ri + S_JOBS, cache_modifier=".cg") + 1)
             _publish(row, ctl_ptr, q_ptr)
-        else:
-            _score_merge(row, S, V, m, r, inv_t, tau, is_t0, rowp, row0, kf, ki,
-                         u_ptr, seed_ptr, seed_val, off_ptr, off_val,
-                         tok_ptr, lp_ptr, nsz_ptr, status_ptr, ratio_ptr,
-                         tl.load(ri + S_STATUS, cache_modifier=".cg"), RNG, OFF_PER_ROW,
-                         GREEDY, CHUNK, NPIV, SP)
-            tl.debug_barrier()
-            tl.atomic_add(ctl_ptr + C_ACTIVE, -1, sem="release")
+    if finish:
+        _score_merge(row, S, V, m, r, inv_t, tau, is_t0, rowp, row0, kf, ki, fl, fli, has_buf,
+                     u_ptr, seed_ptr, seed_val, off_ptr, off_val,
+                     tok_ptr, lp_ptr, nsz_ptr, status_ptr, ratio_ptr, status, RNG,
+                     OFF_PER_ROW, GREEDY, CHUNK, NPIV, SP, FSLOT)
+        tl.debug_barrier()
+        tl.atomic_add(ctl_ptr + C_ACTIVE, -1, sem="release")
 
 
 @triton.jit(do_not_specialize=["seed_val", "off_val"])
@@ -891,7 +971,7 @@ def la_flat_kernel(
     zp_ptr, z0_ptr, stride_p, stride_0, t_ptr, t_val,
     u_ptr, seed_ptr, seed_val, off_ptr, off_val,
     tok_ptr, lp_ptr, nsz_ptr, status_ptr, ratio_ptr,
-    row_f, row_i, k2_f, k2_i, flat, scr_k, scr_e, ctr_ptr, ctl_ptr, q_ptr,
+    row_f, row_i, k2_f, k2_i, flat, flat_i, scr_k, scr_e, ctr_ptr, ctl_ptr, q_ptr,
     V, S, NPROG, QMAX,
     T_PER_ROW: tl.constexpr, RNG: tl.constexpr, OFF_PER_ROW: tl.constexpr,
     GREEDY: tl.constexpr, CHUNK: tl.constexpr, FSLOT: tl.constexpr, SP: tl.constexpr,
@@ -921,11 +1001,16 @@ def la_flat_kernel(
             if state == 1:
                 # Acquire: the publisher's release covered the row's state.
                 row = tl.atomic_add(q_ptr + j, 0, sem="acquire")
-                _flat_task(row, s, zp_ptr, z0_ptr, stride_p, stride_0, t_ptr, t_val, V, S,
-                           u_ptr, seed_ptr, seed_val, off_ptr, off_val,
-                           tok_ptr, lp_ptr, nsz_ptr, status_ptr, ratio_ptr,
-                           row_f, row_i, k2_f, k2_i, flat, scr_k, scr_e, ctr_ptr, ctl_ptr,
-                           q_ptr, T_PER_ROW, RNG, OFF_PER_ROW, GREEDY, CHUNK, FSLOT, SP, NPIV)
+                _flat_task(row, s, zp_ptr, z0_ptr, stride_p, stride_0, t_ptr, t_val, V,
+                           row_f, row_i, k2_f, k2_i, flat, flat_i, T_PER_ROW, CHUNK, FSLOT,
+                           SP, NPIV)
+                if _arrive(ctr_ptr, row, S):
+                    _flat_merge(row, zp_ptr, z0_ptr, stride_p, stride_0, t_ptr, t_val, V, S,
+                                u_ptr, seed_ptr, seed_val, off_ptr, off_val,
+                                tok_ptr, lp_ptr, nsz_ptr, status_ptr, ratio_ptr,
+                                row_f, row_i, k2_f, k2_i, flat, flat_i, scr_k, scr_e, ctl_ptr,
+                                q_ptr, T_PER_ROW, RNG, OFF_PER_ROW, GREEDY, CHUNK, FSLOT, SP,
+                                NPIV)
             go = tl.where(state == 1, 1, 0)
         # The last program to leave resets the queue for the next call.
         tl.debug_barrier()
@@ -1041,7 +1126,8 @@ def _new_workspace(B, p, NPIV, device):
     sizes = dict(part_f=PF.value * p.SP, part_i=PI.value * p.SP, buf_x=p.SP * p.kloc,
                  buf_y=p.SP * p.kloc, buf_i=p.SP * p.kloc, row_f=RF.value,
                  row_i=RI0.value + NPIV, k2_f=(NPIV + KF_EXTRA.value) * p.SP,
-                 k2_i=KI.value * p.SP, flat=p.SP * p.fslot, scr_k=NSMALL.value,
+                 k2_i=KI.value * p.SP, flat=p.SP * p.fslot, flat_i=p.SP * p.fslot,
+                 scr_k=NSMALL.value,
                  scr_e=NSMALL.value)
     # One allocation, every region 16-element aligned (Triton specialises on alignment).
     per = {k: triton.cdiv(B * v, 16) * 16 for k, v in sizes.items()}
@@ -1170,8 +1256,8 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
         events[1].record()
     la_flat_kernel[(p.nprog,)](
         zp, z0, zp.stride(0), z0.stride(0), t_t, float(t_v), *rand, *outs,
-        ws["row_f"], ws["row_i"], ws["k2_f"], ws["k2_i"], ws["flat"], ws["scr_k"],
-        ws["scr_e"], ws["ctr"], ws["ctl"], ws["q"], V, p.S, p.nprog, ws["qmax"],
+        ws["row_f"], ws["row_i"], ws["k2_f"], ws["k2_i"], ws["flat"], ws["flat_i"],
+        ws["scr_k"], ws["scr_e"], ws["ctr"], ws["ctl"], ws["q"], V, p.S, p.nprog, ws["qmax"],
         T_PER_ROW=t_row, RNG=int(rng), OFF_PER_ROW=o_row, GREEDY=bool(greedy),
         CHUNK=p.chunk, FSLOT=p.fslot, SP=p.SP, NPIV=pivots, QBLOCK=QBLOCK,
         num_warps=p.warps,

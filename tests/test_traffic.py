@@ -23,11 +23,12 @@ programs, measured on 2026-11-28 (triton 3.6.0):
 kl mode reads the same bytes: its moments come from launch 1's one read.
 
 On flat rows (Zipf steepness 1.0: 0.8 nuclei of 1272 and 1077 of 8192 tokens, more than the
-candidate buffer holds), launch 2 searches the threshold chunk-parallel and then scores:
-**2.64 and 2.65 times the floor** here (principle branch once in launch 1, once in each of the two
-SEARCH jobs and the SCORE job, and one chunk for the draw; without-branch once, plus the
-nucleus twice at most); the replaced kernel read those rows at 4.35 and 4.86 times the
-floor (7.5 and 8.5 reads of the principle branch, by one program per row).
+candidate buffer holds), launch 2 searches the threshold chunk-parallel, and the second
+SEARCH job, whose bracket fits its buffer, also scores: **2.14 and 2.15 times the floor**
+here (principle branch once in launch 1, once in each SEARCH job, and one chunk for the
+draw; without-branch once, plus nucleus tokens); the replaced kernel read those rows at
+4.35 and 4.86 times the floor (7.5 and 8.5 reads of the principle branch, by one program
+per row).
 """
 import numpy as np
 import pytest
@@ -117,7 +118,7 @@ def test_one_read_of_both_branches(reads, dtype, greedy, kl):
 def test_flat_rows_cost_a_bounded_number_of_reads(reads):
     """Flat rows go through launch 2, chunk-parallel: the principle branch once a job (and
     one chunk for a sampled row's draw); the without-branch beyond launch 1 only at nucleus
-    tokens, at most twice (the SCORE job, and the draw's chunk)."""
+    tokens, at most once a job and once more for the draw's chunk."""
     B, V, chunk = 2, 8192, 1024
     zp, z0 = two_branch(B, V, seed=4, temperature=0.5, steepness=1.0, dtype=torch.bfloat16)
     log = reads(dict(zp=zp, z0=z0))
@@ -133,8 +134,8 @@ def test_flat_rows_cost_a_bounded_number_of_reads(reads):
     assert (per_row(log, "z0", "la_chunk_kernel") == row).all()
     zp2, z02 = per_row(log, "zp", "la_flat_kernel"), per_row(log, "z0", "la_flat_kernel")
     assert (zp2 <= jobs * row + chunk * size).all(), (zp2, jobs)
-    assert ((z02 > 0) & (z02 <= 2 * nucleus * size)).all(), (z02, nucleus)
+    assert ((z02 > 0) & (z02 <= (jobs + 1) * nucleus * size)).all(), (z02, nucleus)
     ratio = (per_row(log, "zp") + per_row(log, "z0")) / (2 * row)
     print(f"flat rows: jobs {jobs.tolist()}, nuclei {nucleus.tolist()}, "
           f"{ratio.round(3).tolist()} times the floor")
-    assert (ratio <= 2.7).all()
+    assert (ratio <= 2.2).all()
