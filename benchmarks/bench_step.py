@@ -105,7 +105,7 @@ def compiled_reference():
 def graphed_triton(greedy_kw):
     """linalign's step captured in a CUDA graph (check=False, the seed a device tensor), timed
     by replay: the device time of its launches without Python's launch overhead. One graph
-    is kept (the latest cell's); compile and autotune happen before the capture."""
+    is kept (the latest cell's); the kernels compile before the capture."""
     graphs = {}
 
     def fn(zp, z0, mode):

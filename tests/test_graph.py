@@ -100,7 +100,7 @@ def test_no_host_sync_and_cuda_graph_capture(B):
     assert plan(B, V, dev).S > 1  # every row is cut into chunks, whatever B
     run = lambda: decode_step(zp, z0, seeds, offset, ratio)  # noqa: E731
     for _ in range(3):
-        run()  # autotune and compile outside the capture
+        run()  # compile outside the capture
     g, static = capture_without_sync(run)
     for i in range(3):
         new_p, new_0 = two_branch(B, V, seed=100 + i, **rows)
