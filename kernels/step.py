@@ -204,9 +204,10 @@ C_EXITS = tl.constexpr(3)
 @_helper
 def _sanitize(x):
     # NaN and +inf are bad input: the row is flagged, and the value is treated as -inf
-    # (banned) so that even a bad row with check=False yields a valid token id.
-    bad = (x != x) | (x == float("inf"))
-    return tl.where(bad, float("-inf"), x), bad
+    # (banned) so that even a bad row with check=False yields a valid token id. One compare:
+    # x < +inf is false exactly for NaN and +inf.
+    ok = x < float("inf")
+    return tl.where(ok, x, float("-inf")), ~ok
 
 
 @_helper
@@ -301,7 +302,9 @@ def _chunk_cut(x, m_c, Tl, KLOC: tl.constexpr, L: tl.constexpr, NBIS: tl.constex
     hi = tl.full((), L, tl.int32)  # the tightest level known not to fit (L: none)
     for _ in tl.static_range(NBIS):
         mid = (lo + hi) // 2
-        c = tl.sum(((x >= _level(m_c, mid, Tl, L)) & (x > float("-inf"))).to(tl.int32), axis=0)
+        # The same comparison as the emission's, so the count is what will be emitted (it
+        # also counts -inf logits when a level overflows to -inf: a tighter cut, still valid).
+        c = tl.sum((x >= _level(m_c, mid, Tl, L)).to(tl.int32), axis=0)
         live = hi - lo > 1
         lo = tl.where(live & (c <= KLOC), mid, lo)
         hi = tl.where(live & (c > KLOC), mid, hi)
