@@ -302,9 +302,9 @@ def _chunk_cut(x, m_c, Tl, KLOC: tl.constexpr, L: tl.constexpr, NBIS: tl.constex
     hi = tl.full((), L, tl.int32)  # the tightest level known not to fit (L: none)
     for _ in tl.static_range(NBIS):
         mid = (lo + hi) // 2
-        # The same comparison as the emission's, so the count is what will be emitted (it
-        # also counts -inf logits when a level overflows to -inf: a tighter cut, still valid).
-        c = tl.sum((x >= _level(m_c, mid, Tl, L)).to(tl.int32), axis=0)
+        # The emission's comparison, so the count is what will be emitted.
+        c = tl.sum(((x >= _level(m_c, mid, Tl, L)) & (x > float("-inf"))).to(tl.int32),
+                   axis=0)
         live = hi - lo > 1
         lo = tl.where(live & (c <= KLOC), mid, lo)
         hi = tl.where(live & (c > KLOC), mid, hi)
@@ -378,9 +378,9 @@ def _masses_above(piv, k, e, live, base, NPIV: tl.constexpr, G: tl.constexpr):
     gg = tl.arange(0, G)
     mass = tl.zeros((NPIV,), tl.float32)
     for g in tl.static_range(NPIV // G):
-        pg = tl.sum(tl.where(ii[None, :] == g * G + gg[:, None], piv[None, :], 0), axis=1)
+        pg = tl.sum(tl.where(ii[None, :] == gg[:, None] + g * G, piv[None, :], 0), axis=1)
         mg = tl.sum(tl.where(live[None, :] & (k[None, :] > pg[:, None]), e[None, :], 0.0), axis=1)
-        mass += tl.sum(tl.where(ii[:, None] == g * G + gg[None, :], mg[None, :], 0.0), axis=1)
+        mass += tl.sum(tl.where(ii[:, None] == gg[None, :] + g * G, mg[None, :], 0.0), axis=1)
     return base + mass
 
 
