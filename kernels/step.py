@@ -3,8 +3,8 @@ both branches per row.
 
 A row of V logits is cut into S chunks of CHUNK logits (4096 on a GPU up to V = 262144,
 8192 past it, so that a row has at most 64 of them), and every chunk is one program of a
-(S, B) grid, whatever B: the GPU is as full at B = 1 as at B = 100. All arithmetic is fp32
-after the load (bf16 and fp16 are converted at once). Two launches per step.
+(S, B) grid, whatever B: the GPU is as full at B = 1 as at B = 100. All arithmetic is
+fp32 after the load (bf16 and fp16 are converted at once). Two launches per step.
 
 **Launch 1, ``la_chunk_kernel``**: each program loads its chunk of both branches once, as
 one register tile, and computes from it:
@@ -624,23 +624,24 @@ def la_chunk_kernel(
     u_ptr, seed_ptr, seed_val, off_ptr, off_val,
     tok_ptr, lp_ptr, nsz_ptr, status_ptr, ratio_ptr,
     part_f, part_i, buf_x, buf_y, buf_i, row_f, row_i, scr_k, scr_e, ctr_ptr, ctl_ptr, q_ptr,
-    V, S,
+    V, S, ROW0,
     R_PER_ROW: tl.constexpr, T_PER_ROW: tl.constexpr, P_PER_ROW: tl.constexpr,
     KL: tl.constexpr, E_PER_ROW: tl.constexpr, X_PER_ROW: tl.constexpr,
     RNG: tl.constexpr, OFF_PER_ROW: tl.constexpr, GREEDY: tl.constexpr,
     CHUNK: tl.constexpr, KLOC: tl.constexpr, SP: tl.constexpr, NPIV: tl.constexpr,
     L: tl.constexpr, NBIS: tl.constexpr,
 ):
-    # Grid (S, B): program (s, row) reads logits [s * CHUNK, (s + 1) * CHUNK) of row `row`
-    # of both branches. zp, z0: [B, V] (fp32/bf16/fp16, last dim contiguous); outputs: [B]
-    # (ratio_ptr: the ratio used). KL: kl mode, r from the budget e (eps) and the cap x
-    # (max_ratio) instead of r_ptr/r_val. RNG (a constants.RandomSource): RNG_UNIFORMS =
-    # uniforms given in u_ptr, RNG_SEED = one seed (counter = row, offset), RNG_ROW_SEEDS =
-    # per-row seeds (counter = 0, offset), RNG_DEVICE_SEED = one seed read from seed_ptr
-    # (counter = row, offset). The workspace (part_*, buf_*, row_*) and the counters (ctr,
-    # ctl, q) are described at the top of this module.
+    # Grid (S, rows): program (s, i) reads logits [s * CHUNK, (s + 1) * CHUNK) of row
+    # ROW0 + i of both branches (the launcher launches at most 65535 rows at a time).
+    # zp, z0: [B, V] (fp32/bf16/fp16, last dim contiguous); outputs: [B] (ratio_ptr: the
+    # ratio used). KL: kl mode, r from the budget e (eps) and the cap x (max_ratio) instead
+    # of r_ptr/r_val. RNG (a constants.RandomSource): RNG_UNIFORMS = uniforms given in
+    # u_ptr, RNG_SEED = one seed (counter = row, offset), RNG_ROW_SEEDS = per-row seeds
+    # (counter = 0, offset), RNG_DEVICE_SEED = one seed read from seed_ptr (counter = row,
+    # offset). The workspace (part_*, buf_*, row_*) and the counters (ctr, ctl, q) are
+    # described at the top of this module.
     s = tl.program_id(0)
-    row = tl.program_id(1)
+    row = tl.program_id(1) + ROW0  # (a grid's second axis stops at 65535)
     # int64 row offsets: row * stride overflows int32 once B * V passes 2**31.
     row64 = row.to(tl.int64)
 
@@ -1038,6 +1039,7 @@ MIN_FSLOT = 16
 MAX_CHUNKS = 64  # chunks per row at most (CHUNK grows past MIN_CHUNK for larger V)
 MIN_CHUNK = 4096
 QBLOCK = 256
+MAX_GRID_ROWS = 65535  # rows a launch of la_chunk_kernel takes (its grid's second axis)
 WORKSPACES = 8  # workspaces kept (per device, stream and cut of the row)
 
 
@@ -1243,18 +1245,19 @@ def la_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, u=None, se
     outs = (tokens, logprobs, nsz, status, used)
     if events is not None:
         events[0].record()
-    la_chunk_kernel[(p.S, B)](
-        zp, z0, zp.stride(0), z0.stride(0),
-        r_t, float(r_v), t_t, float(t_v), p_t, float(p_v), e_t, float(e_v), x_t, float(x_v),
-        *rand, *outs,
-        ws["part_f"], ws["part_i"], ws["buf_x"], ws["buf_y"], ws["buf_i"], ws["row_f"],
-        ws["row_i"], ws["scr_k"], ws["scr_e"], ws["ctr"], ws["ctl"], ws["q"],
-        V, p.S,
-        R_PER_ROW=r_row, T_PER_ROW=t_row, P_PER_ROW=p_row, KL=kl is not None,
-        E_PER_ROW=e_row, X_PER_ROW=x_row, RNG=int(rng), OFF_PER_ROW=o_row,
-        GREEDY=bool(greedy), CHUNK=p.chunk, KLOC=p.kloc, SP=p.SP, NPIV=pivots, L=LEVELS,
-        NBIS=BISECT, num_warps=p.warps,
-    )
+    for row0 in range(0, B, MAX_GRID_ROWS):
+        la_chunk_kernel[(p.S, min(B - row0, MAX_GRID_ROWS))](
+            zp, z0, zp.stride(0), z0.stride(0),
+            r_t, float(r_v), t_t, float(t_v), p_t, float(p_v), e_t, float(e_v), x_t,
+            float(x_v), *rand, *outs,
+            ws["part_f"], ws["part_i"], ws["buf_x"], ws["buf_y"], ws["buf_i"], ws["row_f"],
+            ws["row_i"], ws["scr_k"], ws["scr_e"], ws["ctr"], ws["ctl"], ws["q"],
+            V, p.S, row0,
+            R_PER_ROW=r_row, T_PER_ROW=t_row, P_PER_ROW=p_row, KL=kl is not None,
+            E_PER_ROW=e_row, X_PER_ROW=x_row, RNG=int(rng), OFF_PER_ROW=o_row,
+            GREEDY=bool(greedy), CHUNK=p.chunk, KLOC=p.kloc, SP=p.SP, NPIV=pivots, L=LEVELS,
+            NBIS=BISECT, num_warps=p.warps,
+        )
     if events is not None:
         events[1].record()
     la_flat_kernel[(p.nprog,)](

@@ -546,3 +546,18 @@ def test_kernel_result_does_not_depend_on_the_order_programs_run_in(monkeypatch)
         assert state["n"] == len(state["order"]) > 1  # the reordering ran
         for a, b in zip(got, want):
             assert torch.equal(a, b)
+
+
+def test_kernel_batches_beyond_one_grid(monkeypatch, device):
+    """A grid's second axis stops at 65535 programs: larger batches take launch 1 in slices
+    of rows (here slices of 3, so that a small batch needs three), with the same results."""
+    from linalign.kernels import step as ks
+
+    zp, z0 = two_branch(7, 4000, seed=51, temperature=0.5, steepness=(1.0, 2.0), device=device)
+    kw = dict(greedy=False, seed=9, offset=4, chunk=512, paths=True)
+    want = ks.la_step(zp, z0, 3.0, 0.5, 0.95, **kw)
+    monkeypatch.setattr(ks, "MAX_GRID_ROWS", 3)
+    got = ks.la_step(zp, z0, 3.0, 0.5, 0.95, **kw)
+    assert (want[5][:, 0] == 0).any() and (want[5][:, 0] == 2).any()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
