@@ -1174,7 +1174,7 @@ def _workspace(B, p, NPIV, device):
     key = (device, _stream_id(device), p, NPIV)
     ws = _WORKSPACES.pop(key, None)
     if ws is None or ws["rows"] < B:
-        ws = _new_workspace(triton.next_power_of_2(B), p, NPIV, device)
+        ws = _new_workspace(triton.cdiv(B, 64) * 64, p, NPIV, device)
     _WORKSPACES[key] = ws  # most recently used last
     while len(_WORKSPACES) > WORKSPACES:
         _WORKSPACES.pop(next(iter(_WORKSPACES)))
