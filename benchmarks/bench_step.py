@@ -105,7 +105,7 @@ def compiled_reference():
 def graphed_triton(greedy_kw):
     """linalign's step captured in a CUDA graph (check=False, the seed a device tensor), timed
     by replay: the device time of its launches without Python's launch overhead. One graph
-    is kept (the latest cell's); compile and autotune happen before the capture."""
+    is kept (the latest cell's); the kernels compile before the capture."""
     graphs = {}
 
     def fn(zp, z0, mode):
@@ -430,8 +430,7 @@ def host_overhead(calls=2000):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    names = ["la_max_kernel", "la_ladder_kernel", "la_compact_kernel", "la_step_tuned",
-             "la_step_kernel"]
+    names = ["la_chunk_kernel", "la_flat_kernel"]
     saved = {n: getattr(ks, n) for n in names}
     zp, z0 = two_branch(1, 32000, seed=0)
     try:
@@ -440,10 +439,8 @@ def host_overhead(calls=2000):
         cases = [
             ("linalign.step (checks, then kernels.la_step)",
              lambda: linalign.step(zp, z0, **SETTING, seed=0, check=False, backend="triton")),
-            ("kernels.la_step, fused (1 launch)",
-             lambda: ks.la_step(zp, z0, 3.0, 0.5, 0.8, greedy=False, seed=0, split=1)),
-            ("kernels.la_step, split (4 launches)",
-             lambda: ks.la_step(zp, z0, 3.0, 0.5, 0.8, greedy=False, seed=0, split=4)),
+            ("kernels.la_step (2 launches)",
+             lambda: ks.la_step(zp, z0, 3.0, 0.5, 0.8, greedy=False, seed=0)),
         ]
         for label, f in cases:
             for _ in range(100):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A short GPU run (about 4 minutes) for when little device time is left: install, the step
 # grid on bf16 (B in {1, 8, 64, 256}, V in {128256, 32000}; linalign's kernel eager and
-# captured in a CUDA graph, against the authors' eager step), the CUDA-graph / no-sync tests,
+# captured in a CUDA graph, against the authors' eager step), each launch of the kernel timed
+# on its own with the rows' paths (benchmarks/kernel_paths.py), the CUDA-graph / no-sync tests,
 # the decode benchmark on the 1B shape (plain and Linear Alignment, eager and fast=True),
 # then the kernel's tests against the reference. Same stage/caps/status.txt conventions as
 # gpu_suite.sh (the full run); the CSVs are in the one results schema
@@ -14,6 +15,8 @@ stage install 25 python -m pip install --no-deps --no-build-isolation -e .
 stage step 75 python benchmarks/bench_step.py --grid --dtypes bfloat16 --B 1,8,64,256 \
     --V 128256,32000 --providers triton,triton-graph,authors --time-limit 60 \
     --out "$out/step_cuda.csv"
+stage paths 40 python benchmarks/kernel_paths.py --B 1,8,64,256 --V 128256 --modes sample \
+    --reps 30
 stage graph 30 python -m pytest -q -x tests/test_graph.py -k "capture or zero_dim"
 stage decode 55 python benchmarks/bench_decode.py --device cuda --shapes 1b --batch 1,8 \
     --repeats 1 --new-tokens 32 --providers plain,stacked,plain-fast,stacked-fast \

@@ -3,7 +3,9 @@
 # decoding loop on the GPU), benchmark decoding (random-weight Llama 1B and 8B shapes, bf16)
 # and the step (bench_step.py --grid: B x V x bf16/fp32 x greedy/sample, triton against the
 # authors' step, the compiled reference and the torch path, OUTDIR/step_cuda.csv), plot it
-# (OUTDIR/step_cuda.png) and print its report table last (triton against the bandwidth
+# (OUTDIR/step_cuda.png), time each launch of the step kernel on its own with the rows'
+# paths on benchmark rows and on flat ones (benchmarks/kernel_paths.py: OUTDIR/paths.log,
+# OUTDIR/paths-flat.log) and print the step report table last (triton against the bandwidth
 # floor and the baselines, as the README shows it). Every CSV is in the one results schema
 # (benchmarks/common.py); `bench_step.py --report FILE` and `bench_decode.py --report FILE`
 # print their tables again. The decode stage checks the providers' tokens after timing (one
@@ -36,6 +38,9 @@ stage decode 150 python benchmarks/bench_decode.py --device cuda --repeats 2 --n
     --out "$out/decode_cuda.csv"
 stage step 130 python benchmarks/bench_step.py --grid --dtypes bfloat16,float32 \
     --time-limit 100 --out "$out/step_cuda.csv"
+stage paths 60 python benchmarks/kernel_paths.py --B 1,8,64,256 --V 32000,128256 --reps 30
+stage paths-flat 40 python benchmarks/kernel_paths.py --B 1,64 --V 128256 --steepness 1.0,1.2 \
+    --top-p 0.95 --modes sample --reps 30
 stage plot 30 python benchmarks/plot_step.py "$out/step_cuda.csv" "$out/step_cuda.png"
 stage report 10 python benchmarks/bench_step.py --report "$out/step_cuda.csv"
 cat "$out/status.txt"

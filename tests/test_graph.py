@@ -7,8 +7,8 @@
   tracing, the kernel runs through the interpreter); on a GPU with inductor.
 - With ``check=False`` and device tensors for every per-row value the step makes no host
   synchronisation (GPU: ``torch.cuda.set_sync_debug_mode("error")``) and can be captured in
-  a CUDA graph whose replays, on new logits, seeds and offsets, equal eager calls, for the
-  fused kernel and for the split path.
+  a CUDA graph whose replays, on new logits, seeds and offsets, equal eager calls, at one
+  row and at 512, on rows that finish in either launch (peaked and flat ones).
 """
 import pytest
 import torch
@@ -88,22 +88,22 @@ def capture_without_sync(run):
 @gpu_only
 @pytest.mark.parametrize("B", [1, 512])
 def test_no_host_sync_and_cuda_graph_capture(B):
-    from linalign.kernels.step import plan_split
+    from linalign.kernels.step import plan
 
     dev = torch.device("cuda")
     V = 32000
-    zp, z0 = two_branch(B, V, seed=B, temperature=0.5, device=dev, dtype=torch.bfloat16)
+    rows = dict(temperature=0.5, steepness=(1.0, 2.0), device=dev, dtype=torch.bfloat16)
+    zp, z0 = two_branch(B, V, seed=B, **rows)
     seeds = torch.arange(B, device=dev) * 7 + 1
     offset = torch.zeros(B, device=dev, dtype=torch.int64)
     ratio = torch.full((B,), 3.0, device=dev)
-    assert (plan_split(B, V, dev) > 1) == (B == 1)  # both kernels' paths are captured
+    assert plan(B, V, dev).S > 1  # every row is cut into chunks, whatever B
     run = lambda: decode_step(zp, z0, seeds, offset, ratio)  # noqa: E731
     for _ in range(3):
-        run()  # autotune and compile outside the capture
+        run()  # compile outside the capture
     g, static = capture_without_sync(run)
     for i in range(3):
-        new_p, new_0 = two_branch(B, V, seed=100 + i, temperature=0.5, device=dev,
-                                  dtype=torch.bfloat16)
+        new_p, new_0 = two_branch(B, V, seed=100 + i, **rows)
         zp.copy_(new_p)
         z0.copy_(new_0)
         offset.fill_(i + 1)

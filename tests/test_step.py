@@ -346,14 +346,16 @@ def test_kernel_samples_the_torch_paths_distribution(device):
     chi_square(tri, distribution(zp.cpu(), z0.cpu(), **LA)[0])
 
 
-def test_triton_result_does_not_depend_on_block_size(device):
+def test_triton_result_does_not_depend_on_the_split(device):
+    # One chunk of 8192 logits (the whole row), 5 of 1024, 20 of 256 (S = 32 with padding).
     from linalign.kernels import la_step
 
     zp, z0 = two_branch(3, 5000, seed=12, temperature=1.0, steepness=(1.0, 1.4), device=device)
-    outs = [la_step(zp, z0, 2.0, 1.0, 0.9, greedy=False, seed=5, block=blk) for blk in (256, 4096)]
-    for a, b in zip(*outs):
-        assert torch.equal(a, b) or torch.allclose(a.float(), b.float(), atol=1e-5)
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][2], outs[1][2])
+    outs = [la_step(zp, z0, 2.0, 1.0, 0.9, greedy=False, seed=5, chunk=c) for c in (256, 1024, 8192)]
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b) or torch.allclose(a.float(), b.float(), atol=1e-5)
+        assert torch.equal(outs[0][0], other[0]) and torch.equal(outs[0][2], other[2])
 
 
 def test_auto_backend_and_sample(device):
@@ -387,8 +389,9 @@ KINDS = ["normal", "ties", "huge", "neginf", "flat", "signed_zeros"]
 @pytest.mark.parametrize("case", range(40))
 def test_hostile_mix(case, device):
     """Seeded mixes of ties, +-1e30 and 3e38, -inf patterns, signed zeros and flat rows, with
-    extreme parameters: every backend (and the kernel with 16-wide blocks, so rows span many
-    blocks) agrees with the reference on tokens, status and log-probs."""
+    extreme parameters: every backend (and the kernel with 16-logit chunks, so rows span many
+    chunks, also with 2 candidate slots per chunk, which sends most rows to the second
+    launch) agrees with the reference on tokens, status and log-probs."""
     from linalign.kernels import la_step
 
     g = torch.Generator().manual_seed(case)
@@ -403,7 +406,7 @@ def test_hostile_mix(case, device):
               top_p=pick([1e-9, 0.3, 0.8, 1.0]), greedy=bool(case % 2), seed=case)
     want = linalign.step(zp, z0, backend="reference", check=False, **kw)
     outs = [linalign.step(zp, z0, backend=b, check=False, **kw) for b in FAST]
-    for extra in (dict(block=16), dict(split=3, split_block=16)):
+    for extra in (dict(chunk=16), dict(chunk=16, kloc=2, fslot=2, pivots=4, nprog=3)):
         outs.append(linalign.StepOutput(*la_step(zp, z0, kw["ratio"], kw["temperature"],
                                                  kw["top_p"], greedy=kw["greedy"], seed=case,
                                                  **extra)))
@@ -434,11 +437,11 @@ def test_scores_near_the_fp32_limit(backend, device):
 
 @pytest.mark.parametrize("case", range(12))
 def test_search_branches(case, device):
-    """The kernel's threshold search with a 16-slot candidate buffer and 4 pivots per pass,
-    fused and split into chunks, on rows where that takes several passes, overflows the
-    buffer (a nucleus of hundreds: scores streamed over the row), leaves the split rounds
-    unfinished (the per-row kernel goes on), or has ties across the bracket: the same
-    tokens, status and nucleus as the reference."""
+    """The kernel's paths with small buffers and 4 pivots per round, on rows where the
+    candidate check fails (a nucleus of hundreds: the second launch's threshold search
+    over chunk-parallel rounds, its flat buffer overflowing or not), the bracketing takes
+    several rounds, or ties straddle the bracket; one chunk or many: the same tokens,
+    status and nucleus as the reference."""
     from linalign.kernels import la_step
 
     g = torch.Generator().manual_seed(1000 + case)
@@ -458,8 +461,103 @@ def test_search_branches(case, device):
     kw = dict(ratio=pick([-1.0, 0.0, 3.0]), temperature=pick([0.5, 1.0, 2.0]),
               top_p=pick([0.3, 0.8, 0.95, 0.999]), greedy=bool(case % 2), seed=case)
     want = linalign.step(zp, z0, backend="reference", check=False, **kw)
-    for extra in (dict(split=1), dict(split=pick([2, 3, 5]), split_block=64)):
+    for extra in (dict(chunk=4096, kloc=16), dict(chunk=pick([64, 256, 512]), kloc=4,
+                                                  fslot=pick([4, 16]), nprog=pick([1, 3]))):
         got = linalign.StepOutput(*la_step(zp, z0, kw["ratio"], kw["temperature"], kw["top_p"],
-                                           greedy=kw["greedy"], seed=case, pivots=4, cmax=16,
-                                           block=64, **extra))
+                                           greedy=kw["greedy"], seed=case, pivots=4, **extra))
         assert_same_step(got, want, zp, kw["temperature"], kw["top_p"], logprob_atol=1e-3)
+
+
+def test_kernel_paths_and_reused_workspace(device):
+    """Peaked rows finish in launch 1 on their candidates; flat rows (a nucleus of
+    thousands), top_p = 1 rows with more candidates than the buffer, and T = 0 rows with
+    more ties at the max than a chunk's slots take launch 2 (a threshold search, or a SCORE
+    with the threshold known). The workspace kept for a cut of the row serves later calls
+    with fewer rows, and every launch leaves its counters and queue as it found them, so
+    the same calls give the same results again, in any order."""
+    from linalign.kernels import step as ks
+
+    V = 3000
+    peaked, _ = two_branch(2, V, seed=31, temperature=0.5)
+    flat, _ = two_branch(2, V, seed=32, temperature=0.5, steepness=1.0)
+    ties = torch.zeros(1, V)
+    ties[0, ::2] = 4.0  # 1500 tokens tied at the max, 512 a chunk
+    zp = torch.cat([peaked, flat, flat[:1], ties]).to(device)
+    z0 = (zp + 0.5 * torch.randn(zp.shape, generator=torch.Generator().manual_seed(0))
+          .to(device))
+    T = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5, 0.0], device=device)
+    top_p = torch.tensor([0.8, 0.8, 0.95, 0.9, 1.0, 0.9], device=device)
+    kw = dict(greedy=False, seed=torch.arange(6, device=device) + 1, chunk=1024, nprog=3)
+    *got, paths = ks.la_step(zp, z0, 3.0, T, top_p, paths=True, **kw)
+    assert paths[:, 0].tolist() == [0, 0, 2, 2, 1, 1], paths
+    want = linalign.step(zp, z0, ratio=3.0, temperature=T, top_p=top_p, greedy=False,
+                         seed=kw["seed"], backend="reference")
+    assert_same_step(linalign.StepOutput(*got), want, zp, T, top_p)
+    counts = ks.step_paths(zp, z0, 3.0, T, top_p, **kw)
+    assert counts["buffer"] == 2 and counts["search"] == 2 and counts["score"] == 2
+    assert counts["jobs"] == int(paths[:, 1].sum()) >= 4
+    ws = next(w for k, w in ks._WORKSPACES.items() if k[2].chunk == 1024 and k[0] == zp.device)
+    for part in (ws["ctr"], ws["ctl"]):
+        assert (part == 0).all(), part  # reset by the last program of each launch
+    assert (ws["q"] == -1).all()
+    # Fewer rows (the flat ones first) on the same workspace, then all of them again.
+    part = ks.la_step(zp[2:4], z0[2:4], 3.0, T[2:4], top_p[2:4], greedy=False,
+                      seed=kw["seed"][2:4], chunk=1024, nprog=3)
+    assert torch.equal(part[0], got[0][2:4]) and torch.equal(part[2], got[2][2:4])
+    again = ks.la_step(zp, z0, 3.0, T, top_p, **kw)
+    for a, b in zip(got, again):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="reorders the interpreter's programs")
+def test_kernel_result_does_not_depend_on_the_order_programs_run_in(monkeypatch):
+    """On a GPU the chunks of a row finish in any order and any one of them may be the last
+    to arrive, the one that finishes the row. The interpreter runs programs in grid order;
+    here it runs them in shuffled orders (its builder's grid index is remapped), and the
+    results are the same, bit for bit, on peaked and flat rows, greedy and sampled."""
+    from triton.runtime import interpreter
+
+    from linalign.kernels import la_step
+
+    zp, z0 = two_branch(4, 3000, seed=41, temperature=0.5, steepness=(1.0, 2.0))
+    kw = dict(greedy=False, seed=torch.arange(4) + 3, chunk=512, paths=True)
+    want = la_step(zp, z0, 2.0, 0.5, 0.9, **kw)
+    assert (want[5][:, 0] == 0).any() and (want[5][:, 0] == 2).any()  # both launches finish rows
+    set_dim, set_idx = interpreter.InterpreterBuilder.set_grid_dim, interpreter.InterpreterBuilder.set_grid_idx
+    for order_seed in range(3):
+        g = torch.Generator().manual_seed(order_seed)
+        state = {}
+
+        def grid_dim(self, x, y, z, state=state, g=g):
+            state["order"] = [(i, j, k) for i in range(x) for j in range(y) for k in range(z)]
+            state["perm"] = torch.randperm(len(state["order"]), generator=g).tolist()
+            state["n"] = 0
+            return set_dim(self, x, y, z)
+
+        def grid_idx(self, x, y, z, state=state):
+            n = state["n"]
+            state["n"] = n + 1
+            return set_idx(self, *state["order"][state["perm"][n]])
+
+        monkeypatch.setattr(interpreter.InterpreterBuilder, "set_grid_dim", grid_dim)
+        monkeypatch.setattr(interpreter.InterpreterBuilder, "set_grid_idx", grid_idx)
+        got = la_step(zp, z0, 2.0, 0.5, 0.9, **kw)
+        monkeypatch.undo()
+        assert state["n"] == len(state["order"]) > 1  # the reordering ran
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+def test_kernel_batches_beyond_one_grid(monkeypatch, device):
+    """A grid's second axis stops at 65535 programs: larger batches take launch 1 in slices
+    of rows (here slices of 3, so that a small batch needs three), with the same results."""
+    from linalign.kernels import step as ks
+
+    zp, z0 = two_branch(7, 4000, seed=51, temperature=0.5, steepness=(1.0, 2.0), device=device)
+    kw = dict(greedy=False, seed=9, offset=4, chunk=512, paths=True)
+    want = ks.la_step(zp, z0, 3.0, 0.5, 0.95, **kw)
+    monkeypatch.setattr(ks, "MAX_GRID_ROWS", 3)
+    got = ks.la_step(zp, z0, 3.0, 0.5, 0.95, **kw)
+    assert (want[5][:, 0] == 0).any() and (want[5][:, 0] == 2).any()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
