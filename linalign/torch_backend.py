@@ -170,7 +170,7 @@ def torch_step(logits_p, logits_0, ratio, temperature, top_p, *, greedy, generat
     """
     B, V = logits_p.shape
     dev = logits_p.device
-    zp = logits_p.float()
+    zp = logits_p.float().contiguous()  # any layout: the candidate search flattens the rows
     r = _row_param(ratio, B, dev)
     T = _row_param(temperature, B, dev)
     p = _row_param(top_p, B, dev)
@@ -243,26 +243,31 @@ def kl_ratio(logits_p, logits_0, temperature, kl_budget, max_ratio):
     T = _row_param(temperature, B, dev)
     t0 = T == 0
     inv_t = (1.0 / torch.where(t0, 1.0, T))[:, None]
+    v = W = None
     if dev.type == "cpu" and not torch.compiler.is_compiling() and bool(
             ((zp.amax(-1) < _INF) & (zp.amin(-1) > -_INF) & (z0.amax(-1) < _INF) &
              (z0.amin(-1) > -_INF)).all()):
         # Every logit finite (the usual case; a check costs nothing on the CPU): no masks,
-        # in place, the weighted sums as batched dot products.
+        # in place, the weighted sums as batched dot products. Kept when every v is finite:
+        # else a token of weight 0 whose g overflowed made a NaN, and the masked sums run.
         w = (z0 - z0.amax(-1, keepdim=True)).mul_(inv_t).exp_()
         g = (zp - z0).mul_(inv_t)
         W = w.sum(-1)
         mean = torch.bmm(w[:, None, :], g[:, :, None]).view(B) / W
         g.sub_(mean[:, None]).square_()
         v = torch.bmm(w[:, None, :], g[:, :, None]).view(B) / W
-    else:
+        if not bool(torch.isfinite(v).all()):
+            v = None
+    if v is None:
         both = (zp > -_INF) & (zp < _INF) & (z0 > -_INF) & (z0 < _INF)  # NaN fails both
         m0 = torch.where(both, z0, -_INF).amax(-1, keepdim=True)
         m0 = torch.where(m0 > -_INF, m0, 0.0)
         w = torch.where(both, ((z0 - m0) * inv_t).exp(), 0.0)
         g = torch.where(both, (zp - z0) * inv_t, 0.0)
         W = w.sum(-1)
-        mean = (w * g).sum(-1) / W
-        v = (w * (g - mean[:, None]).square()).sum(-1) / W
+        live = w > 0  # a token of weight 0 adds nothing, even where g overflowed
+        mean = torch.where(live, w * g, 0.0).sum(-1) / W
+        v = torch.where(live, w * (g - mean[:, None]).square(), 0.0).sum(-1) / W
     eps = _row_param(kl_budget, B, dev)
     cap = 1.0 + _row_param(max_ratio, B, dev)
     kappa = torch.where(torch.isfinite(v), (2.0 * eps / v).sqrt(), 0.0)
