@@ -333,8 +333,9 @@ def _kl_ratio(wsum, m2, eps, max_ratio, is_t0):
     """kl mode: r_eff = kappa - 1, kappa = sqrt(2 eps / v) clipped to [0, 1 + max_ratio],
     v = M2 / W. v == 0 (or no token finite in both branches, or T == 0): r = 0; a
     non-finite v (hostile logits): kappa = 0."""
-    v = tl.maximum(m2 / tl.where(wsum > 0.0, wsum, 1.0), 0.0)
-    finite = (v == v) & (v < float("inf"))
+    v = m2 / tl.where(wsum > 0.0, wsum, 1.0)
+    finite = (v == v) & (v < float("inf"))  # before the clamp: Triton's maximum drops NaN
+    v = tl.where(finite, tl.maximum(v, 0.0), v)
     kappa = tl.where(finite, tl.sqrt(2.0 * eps / tl.where(v > 0.0, v, 1.0)), 0.0)
     kappa = tl.minimum(tl.maximum(kappa, 0.0), 1.0 + max_ratio)
     return tl.where(is_t0 | (wsum == 0.0) | (v == 0.0), 0.0, kappa - 1.0)

@@ -111,8 +111,9 @@ def kl_ratio(zp, z0, T, kl_budget, max_ratio=MAX_RATIO) -> float:
         return 0.0
     g = (zp[both] - z0[both]) / T
     pi0 = torch.softmax((z0[both] - z0[both].max()) / T, dim=0)
-    mean = (pi0 * g).sum()
-    v = float((pi0 * (g - mean) ** 2).sum())
+    live = pi0 > 0  # a token of probability 0 adds nothing, even where g overflowed
+    mean = torch.where(live, pi0 * g, 0.0).sum()
+    v = float(torch.where(live, pi0 * (g - mean) ** 2, 0.0).sum())
     if v == 0:
         return 0.0
     kappa = (2 * kl_budget / v) ** 0.5 if v == v and v != float("inf") else 0.0
