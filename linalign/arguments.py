@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from .constants import SEED_LIMIT, TINY_T, Status
-from .options import check_number, rule_of
+from .options import check_flag, check_number, rule_of
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -230,8 +230,8 @@ def normalize(logits_p, logits_0, *, ratio, kl_budget, max_ratio, temperature, t
         offset = offset.expand(B)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
-    return StepArgs(zs, logits_0, ratios, kl, temperature, top_p, bool(greedy), generator,
-                    seed, offset)
+    return StepArgs(zs, logits_0, ratios, kl, temperature, top_p, check_flag("greedy", greedy),
+                    generator, seed, offset)
 
 
 def used_ratio(r, status: torch.Tensor) -> torch.Tensor:

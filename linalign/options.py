@@ -123,6 +123,14 @@ def check_int(name: str, x) -> int:
     return x
 
 
+def check_flag(name: str, x) -> bool:
+    """``x`` if it is a Python bool; else ``TypeError`` (1, "yes" or a tensor are refused: a
+    truthy value of another type is more often a mistake than a choice)."""
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be True or False; got {x!r} ({type(x).__name__})")
+    return x
+
+
 # ---------------------------------------------------------------------------- generation
 @dataclass(frozen=True)
 class SamplingParams:
@@ -176,8 +184,7 @@ class SamplingParams:
             kl = (_checked("kl_budget", per_row("kl_budget", self.kl_budget, B)), caps)
         else:
             ratios = _ratios(DEFAULT_RATIO if self.ratio is None else self.ratio, B, K)
-        if not isinstance(self.greedy, bool):
-            raise TypeError(f"greedy must be True or False; got {self.greedy!r}")
+        check_flag("greedy", self.greedy)
         return RowParams(
             ratios=ratios, kl=kl,
             temperature=_checked("temperature", per_row("temperature", self.temperature, B)),

@@ -28,6 +28,10 @@ def logits(device):
     (dict(seed=1.5), TypeError, r"seed must be an int"),
     (dict(seed=1, generator=torch.Generator()), ValueError, r"either seed or generator"),
     (dict(generator=3), TypeError, r"generator must be a torch.Generator"),
+    (dict(greedy=1), TypeError, r"greedy must be True or False; got 1 \(int\)"),
+    (dict(greedy="yes"), TypeError, r"greedy must be True or False; got 'yes' \(str\)"),
+    (dict(greedy=torch.tensor(True)), TypeError, r"greedy must be True or False"),
+    (dict(top_p=1e-46), ValueError, r"top_p must be in \(0, 1\]; got 1e-46 \(0 in fp32"),
 ])
 def test_bad_parameters(logits, kwargs, error, message):
     zp, z0 = logits
