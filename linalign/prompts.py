@@ -12,6 +12,7 @@ Also the checks of text input (``texts``, ``principle_lists``) and of prompt ids
 """
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 
@@ -98,14 +99,35 @@ def decode_text(tokenizer, ids) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+def id_list(name: str, row) -> list[int]:
+    """One row of token ids as a list of ints: a 1-D integer tensor or a sequence of Python
+    ints. Floats, bools and strings are refused (``TypeError``): ``int()`` would silently
+    truncate 7.9 to 7 or read "12" as 12."""
+    import torch
+
+    if isinstance(row, torch.Tensor):
+        if row.dtype.is_floating_point or row.dtype.is_complex or row.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer token ids; got a {row.dtype} tensor")
+        return row.tolist()
+    if isinstance(row, (str, bytes)) or not hasattr(row, "__iter__"):
+        raise TypeError(f"{name} must be a list of token ids (ints); got "
+                        f"{type(row).__name__}")
+    row = list(row)
+    for x in row:
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):  # numpy ints are
+            raise TypeError(f"{name} must hold integer token ids; got {x!r} "
+                            f"({type(x).__name__})")
+    return [int(x) for x in row]
+
+
 def id_rows(name: str, rows, vocab: int) -> list[list[int]]:
     """Prompt ids (lists of ints, one per row, or a [B, L] / [L] tensor) as lists, checked:
     at least one row, no empty row, every id in ``[0, vocab)``."""
     import torch
 
     if isinstance(rows, torch.Tensor):
-        rows = rows.tolist() if rows.dim() == 2 else [rows.tolist()]
-    rows = [list(map(int, r.tolist() if isinstance(r, torch.Tensor) else r)) for r in rows]
+        rows = list(rows) if rows.dim() == 2 else [rows]
+    rows = [id_list(f"{name}[{i}]", r) for i, r in enumerate(rows)]
     if not rows:
         raise ValueError(f"no prompts given: {name} has no rows (pass one list of prompt ids "
                          "per prompt)")

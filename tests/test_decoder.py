@@ -222,6 +222,18 @@ def test_bad_arguments(aligner):
             pytest.fail(f"no ValueError matching {message!r}")
     with pytest.raises(TypeError, match="prompt must be"):
         aligner.generate(3, PRINCIPLE)
+    type_cases = [  # ids that int() would truncate or parse
+        (lambda: aligner.generate_ids([[1.7], [2]], wo), "ids_with\\[0\\] must hold integer "
+                                                        "token ids; got 1.7 \\(float\\)"),
+        (lambda: aligner.generate_ids(w, [[True], [2]]), "ids_without\\[0\\] must hold integer"),
+        (lambda: aligner.generate_ids(torch.ones(2, 3), wo), "must hold integer token ids; got "
+                                                             "a torch.float32 tensor"),
+        (lambda: aligner.generate_ids(["12", [2]], wo), "ids_with\\[0\\] must be a list of "
+                                                       "token ids \\(ints\\); got str"),
+    ]
+    for call, message in type_cases:
+        with pytest.raises(TypeError, match=message):
+            call()
     with pytest.raises(TypeError, match="unexpected arguments"):
         aligner.stream("Q", PRINCIPLE, ratios=1)
     with pytest.raises(ValueError, match="top_p must be"):
