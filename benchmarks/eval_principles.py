@@ -7,6 +7,11 @@ and perplexity; needs matplotlib, skipped with a note when it is not installed).
 
     python benchmarks/eval_principles.py --device cuda --batch-size 576   # the whole grid
     python benchmarks/eval_principles.py --report benchmarks/results/eval_cuda.json
+    python benchmarks/eval_principles.py --resummarise benchmarks/results/eval_cpu_48
+
+``--resummarise PREFIX`` summarises the answers of an earlier run again with this version's
+summary (its paired tests against the principle in the prompt, for instance) and rewrites
+PREFIX.csv, .json and .png; the answers and the run's meta stay as they were.
 
 On the CPU one torch thread is used unless --threads says otherwise (two shared cores: a
 second thread can slow everything down); the whole grid is a GPU job (docs/eval.md has the
@@ -21,6 +26,7 @@ import torch  # noqa: E402
 
 from linalign.cli_args import CommandError  # noqa: E402
 from linalign.evaluation import build_eval_parser, eval_command  # noqa: E402
+from linalign.evaluation.report import resummarise  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -28,7 +34,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main(argv=None) -> int:
     parser = build_eval_parser(prog="python benchmarks/eval_principles.py",
                                default_out=os.path.join(HERE, "results", "eval_<device>"))
+    parser.add_argument("--resummarise", metavar="PREFIX", default=None,
+                        help="summarise the answers of an earlier run (PREFIX.samples.jsonl"
+                             "[.gz]) again and rewrite PREFIX.csv, .json and .png")
     args = parser.parse_args(argv)
+    if args.resummarise:
+        try:
+            paths = resummarise(args.resummarise, plot=not args.no_plot)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"eval_principles: error: {e}", file=sys.stderr)
+            return 2
+        print("wrote " + ", ".join(paths), file=sys.stderr)
+        return 0
     args.gzip_samples = True  # every answer of the grid: about 5 MB as text, 1 MB gzipped
     if args.threads is None and not args.report and (
             args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())):

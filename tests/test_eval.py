@@ -153,6 +153,50 @@ def test_summarise_by_hand():
     assert every["mean_ratio"] == 3.0
 
 
+def test_mcnemar_exact():
+    assert ev.mcnemar_exact(0, 0) == 1.0 and ev.mcnemar_exact(3, 3) == 1.0
+    assert ev.mcnemar_exact(5, 0) == pytest.approx(2 / 32)  # five heads of five, two-sided
+    assert ev.mcnemar_exact(1, 4) == ev.mcnemar_exact(4, 1) == pytest.approx(2 * 6 / 32)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for wins, losses in ((29, 10), (35, 18), (33, 20), (5, 68), (0, 7)):
+        want = scipy_stats.binomtest(wins, wins + losses, 0.5).pvalue
+        assert ev.mcnemar_exact(wins, losses) == pytest.approx(want, rel=1e-9)
+
+
+def test_paired_tests_by_hand():
+    """Pairs on (prompt index, principle) within a decoding; only disagreements count."""
+    def s(setting, i, passed, rep3=0.0, decoding="greedy", principle="brief"):
+        return dict(setting=setting, decoding=decoding, principle=principle, prompt_index=i,
+                    passed=passed, rep3=rep3, distinct2=1.0, nll=1.0, nll_tokens=1,
+                    ppl=math.e, n_tokens=1, finish_reason="eos", ratio=None)
+    samples = [s("prompt", 0, False), s("prompt", 1, True), s("prompt", 2, False),
+               s("prompt", 3, True),
+               s("la-r1", 0, True), s("la-r1", 1, True), s("la-r1", 2, True, rep3=0.5),
+               s("la-r1", 3, False), s("la-r1", 4, True),  # no prompt answer for 4
+               s("la-r1", 0, True, decoding="sampled")]      # no sampled prompt answers
+    t = ev.paired_tests(samples)
+    assert set(t) == {("la-r1", "greedy")}
+    t = t[("la-r1", "greedy")]
+    assert (t["pairs"], t["wins"], t["losses"]) == (4, 2, 1)
+    assert (t["clean_wins"], t["clean_losses"]) == (1, 1)  # answer 2 loops: not clean
+    assert t["p"] == ev.mcnemar_exact(2, 1) and t["clean_p"] == 1.0
+    every = [r for r in ev.summarise(samples) if r["principle"] == "all"]
+    la = next(r for r in every if r["setting"] == "la-r1" and r["decoding"] == "greedy")
+    assert la["vs_prompt_wins"] == 2 and la["vs_prompt_p"] == t["p"]
+    assert all("vs_prompt_p" not in r for r in every if r["setting"] == "prompt")
+
+
+def test_paired_tests_of_the_committed_answers():
+    """The numbers docs/eval.md quotes, from the committed answers of all 48 prompts."""
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "results" / \
+        "eval_cpu_48.samples.jsonl.gz"
+    t = ev.paired_tests(ev.read_samples(str(path)))
+    r1, r3 = t[("la-r1", "greedy")], t[("la-r3", "greedy")]
+    assert (r1["wins"], r1["losses"], r1["clean_wins"], r1["clean_losses"]) == (29, 10, 35, 18)
+    assert round(r1["p"], 3) == 0.003 and round(r1["clean_p"], 3) == 0.027
+    assert (r3["wins"], r3["losses"]) == (33, 14) and round(r3["clean_p"], 3) == 0.098
+
+
 def test_parse_setting():
     assert ev.parse_setting("none") == ev.Setting("none", "none")
     assert ev.parse_setting("la-r3") == ev.Setting("la-r3", "la", 3.0)
@@ -409,6 +453,7 @@ def test_report_of_a_results_file(tmp_path):
     text = out.getvalue()
     assert "| la-r3 | greedy | 1.000" in text and "**1.00**" in text
     assert "greedy: la-r3" in text  # the candidate default
+    assert "vs prompt: +/- (p)" in text
 
 
 @pytest.mark.embedded_model

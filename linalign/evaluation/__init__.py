@@ -14,12 +14,12 @@ CSV, JSON, answers and plot (``write_outputs``) and prints the tables
 from .command import add_eval_parser, build_eval_parser, eval_command
 from .harness import (DECODINGS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_RATIO, DEFAULT_SEED,
                       DEFAULT_SETTINGS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Setting,
-                      check_grid, load_prompts, parse_setting, prompt_seeds, run_eval,
-                      summarise)
-from .metrics import (CLEAN_REP3, distinct_n, mean, median, ngrams, repeated_ngram_rate,
-                      response_nll, wilson_interval)
+                      check_grid, is_clean, load_prompts, paired_tests, parse_setting,
+                      prompt_seeds, run_eval, summarise)
+from .metrics import (CLEAN_REP3, distinct_n, mcnemar_exact, mean, median, ngrams,
+                      repeated_ngram_rate, response_nll, wilson_interval)
 from .report import (CSV_FIELDS, candidate_default, markdown_report, plot_summary,
-                     write_outputs)
+                     read_samples, resummarise, write_outputs)
 from .scorers import (BRIEF_WORDS, CONTRACTIONS, ENGLISH_WORDS, FRENCH_WORDS, PIRATE_MARKERS,
                       PRINCIPLES, SHAKESPEARE_MARKERS, Principle, contractions, emoji_count,
                       ends_with_question, first_word, has_digit, has_letters, has_word,
@@ -32,12 +32,15 @@ __all__ = [
     # the grid and its run
     "DECODINGS", "DEFAULT_MAX_NEW_TOKENS", "DEFAULT_MAX_RATIO", "DEFAULT_SEED",
     "DEFAULT_SETTINGS", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "Setting", "check_grid",
-    "load_prompts", "parse_setting", "prompt_seeds", "run_eval", "summarise",
+    "is_clean", "load_prompts", "paired_tests", "parse_setting", "prompt_seeds", "run_eval",
+    "summarise",
     # metrics
-    "CLEAN_REP3", "distinct_n", "mean", "median", "ngrams", "repeated_ngram_rate",
+    "CLEAN_REP3", "distinct_n", "mcnemar_exact", "mean", "median", "ngrams",
+    "repeated_ngram_rate",
     "response_nll", "wilson_interval",
     # outputs
-    "CSV_FIELDS", "candidate_default", "markdown_report", "plot_summary", "write_outputs",
+    "CSV_FIELDS", "candidate_default", "markdown_report", "plot_summary", "read_samples",
+    "resummarise", "write_outputs",
     # principles and their scorers
     "BRIEF_WORDS", "CONTRACTIONS", "ENGLISH_WORDS", "FRENCH_WORDS", "PIRATE_MARKERS",
     "PRINCIPLES", "SHAKESPEARE_MARKERS", "Principle", "contractions", "emoji_count",

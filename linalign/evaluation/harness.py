@@ -26,7 +26,7 @@ from importlib import resources
 from typing import Callable, Sequence
 
 from ..options import RULES, SamplingParams, check_number, row_seeds
-from .metrics import (CLEAN_REP3, distinct_n, mean, median, repeated_ngram_rate,
+from .metrics import (CLEAN_REP3, distinct_n, mcnemar_exact, mean, median, repeated_ngram_rate,
                       response_nll, wilson_interval)
 from .scorers import PRINCIPLES
 
@@ -290,7 +290,9 @@ def summarise(samples, principles: Sequence[str] | None = None) -> list[dict]:
     Wilson interval, ``clean`` (the fraction that passes *and* has rep3 <= CLEAN_REP3: the
     principle followed without degenerating), rep3, distinct2, ppl_mean, ppl_median,
     ppl_pooled, mean_tokens, eos_rate and mean_ratio (the decoder's mean ratio per answer,
-    averaged; the effective ratio in kl mode; empty for none and prompt)."""
+    averaged; the effective ratio in kl mode; empty for none and prompt). The rows over all
+    principles also carry ``paired_tests`` against the principle in the prompt, with the
+    prefix ``vs_prompt_`` (pairs, wins, losses, p, clean_wins, clean_losses, clean_p)."""
     groups: dict[tuple, list] = {}
     runs: dict[tuple, int] = {}  # (setting, decoding) -> first-seen order
     for s in samples:
@@ -299,7 +301,45 @@ def summarise(samples, principles: Sequence[str] | None = None) -> list[dict]:
         groups.setdefault((s["setting"], s["decoding"], "all"), []).append(s)
     order = {n: i for i, n in enumerate(list(principles or PRINCIPLES) + ["all"])}
     keys = sorted(groups, key=lambda k: (runs[k[:2]], order.get(k[2], len(order))))
-    return [summary_row(key, groups[key]) for key in keys]
+    rows = [summary_row(key, groups[key]) for key in keys]
+    paired = paired_tests(samples)
+    for r in rows:
+        if r["principle"] == "all":
+            r.update({"vs_prompt_" + k: v
+                      for k, v in paired.get((r["setting"], r["decoding"]), {}).items()})
+    return rows
+
+
+def is_clean(sample: dict) -> bool:
+    """The answer follows its principle and does not degenerate (rep3 <= CLEAN_REP3)."""
+    return bool(sample["passed"]) and (sample["rep3"] or 0.0) <= CLEAN_REP3
+
+
+def paired_tests(samples, baseline: str = "prompt") -> dict[tuple[str, str], dict]:
+    """Each setting against ``baseline`` (the principle in the prompt), paired on the same
+    prompt and principle, per decoding: ``{(setting, decoding): {...}}`` with ``wins`` (the
+    setting passes where the baseline fails), ``losses`` (the reverse), ``p`` (exact
+    McNemar, two-sided), and ``clean_wins``, ``clean_losses``, ``clean_p`` for clean
+    adherence (``is_clean``). Pairs missing on either side are left out; the baseline has no
+    entry."""
+    by_key = {(s["setting"], s["decoding"], s["prompt_index"], s["principle"]): s
+              for s in samples if s.get("prompt_index") is not None}
+    out = {}
+    for (setting, decoding, i, name), s in by_key.items():
+        base = by_key.get((baseline, decoding, i, name))
+        if setting == baseline or base is None:
+            continue
+        t = out.setdefault((setting, decoding), dict.fromkeys(
+            ("pairs", "wins", "losses", "clean_wins", "clean_losses"), 0))
+        t["pairs"] += 1
+        for prefix, ok in (("", lambda x: bool(x["passed"])), ("clean_", is_clean)):
+            a, b = ok(s), ok(base)
+            t[prefix + "wins"] += a and not b
+            t[prefix + "losses"] += b and not a
+    for t in out.values():
+        t["p"] = mcnemar_exact(t["wins"], t["losses"])
+        t["clean_p"] = mcnemar_exact(t["clean_wins"], t["clean_losses"])
+    return out
 
 
 def summary_row(key: tuple[str, str, str], group: list[dict]) -> dict:
@@ -309,8 +349,7 @@ def summary_row(key: tuple[str, str, str], group: list[dict]) -> dict:
     nll, cnt = sum(s["nll"] for s in group), sum(s["nll_tokens"] for s in group)
     return dict(setting=key[0], decoding=key[1], principle=key[2], n=len(group),
                 adherence=k / len(group), adherence_lo=lo, adherence_hi=hi,
-                clean=mean(float(bool(s["passed"]) and (s["rep3"] or 0.0) <= CLEAN_REP3)
-                           for s in group),
+                clean=mean(float(is_clean(s)) for s in group),
                 rep3=mean(s["rep3"] for s in group),
                 distinct2=mean(s["distinct2"] for s in group),
                 ppl_mean=mean(s["ppl"] for s in group),

@@ -44,6 +44,18 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
+def mcnemar_exact(wins: int, losses: int) -> float:
+    """The two-sided exact McNemar p-value of paired binary outcomes: ``wins`` pairs where
+    only the first passes, ``losses`` where only the second does (pairs that agree carry no
+    information). Under the null each discordant pair is a fair coin:
+    ``p = min(1, 2 P[Binomial(wins + losses, 1/2) <= min(wins, losses)])``; 1 without
+    discordant pairs."""
+    n = wins + losses
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
+
+
 def mean(values: Iterable[float | None]) -> float | None:
     """The mean of the values that are not None; None when there are none."""
     values = [v for v in values if v is not None]

@@ -11,12 +11,14 @@ import json
 import os
 import sys
 
-from .harness import log_line, parse_setting
+from .harness import log_line, parse_setting, summarise
 from .scorers import PRINCIPLES
 
 CSV_FIELDS = ["setting", "decoding", "principle", "n", "adherence", "adherence_lo",
               "adherence_hi", "clean", "rep3", "distinct2", "ppl_mean", "ppl_median",
-              "ppl_pooled", "mean_tokens", "eos_rate", "mean_ratio", "generate_s", "model",
+              "ppl_pooled", "mean_tokens", "eos_rate", "mean_ratio", "vs_prompt_pairs",
+              "vs_prompt_wins", "vs_prompt_losses", "vs_prompt_p", "vs_prompt_clean_wins",
+              "vs_prompt_clean_losses", "vs_prompt_clean_p", "generate_s", "model",
               "device", "dtype", "max_new_tokens", "temperature", "top_p", "seed", "torch",
               "transformers", "date"]
 #: The CSV columns that come from the run's ``meta`` (the same on every row).
@@ -82,6 +84,30 @@ def write_samples(samples: list[dict], path: str) -> str:
     return path
 
 
+def read_samples(path: str) -> list[dict]:
+    """The answers a run wrote (``write_samples``)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def resummarise(prefix: str, *, plot: bool = True, progress=sys.stderr) -> list[str]:
+    """Summarise the answers of an earlier run again (PREFIX.samples.jsonl[.gz]) with this
+    version's summary (e.g. its paired tests), keeping the run's ``meta`` and timing from
+    PREFIX.json; rewrite PREFIX.csv, PREFIX.json and PREFIX.png; return the paths."""
+    with open(prefix + ".json", encoding="utf-8") as f:
+        old = json.load(f)
+    path = next((prefix + ".samples.jsonl" + ext for ext in (".gz", "")
+                 if os.path.exists(prefix + ".samples.jsonl" + ext)), None)
+    if path is None:
+        raise FileNotFoundError(f"{prefix}.samples.jsonl(.gz): no answers to summarise")
+    samples = read_samples(path)
+    names = list(old.get("principles") or {}) or None
+    result = {"rows": summarise(samples, names), "timing": old.get("timing", {})}
+    return write_outputs(result, prefix, old["meta"], samples=False, plot=plot,
+                         progress=progress)
+
+
 def csv_value(v):
     """A CSV cell: floats to 6 significant digits, None empty."""
     return f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v)
@@ -126,8 +152,8 @@ def plot_summary(rows, path: str, *, title: str | None = None, progress=sys.stde
                               [r["adherence_hi"] - r["adherence"]]],
                         fmt="o" if r["decoding"] == "greedy" else "^",
                         color=KIND_COLOURS[kind], ms=6, capsize=2, lw=0.8)
-            ax.annotate(r["setting"], (r[key], r["adherence"]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
+            ax.annotate(r["setting"] + paired_label(r), (r[key], r["adherence"]),
+                        fontsize=7, xytext=(4, 3), textcoords="offset points")
         ax.set_xlabel(label)
         ax.set_ylabel("adherence (all principles)")
         ax.grid(alpha=0.3)
@@ -142,6 +168,13 @@ def plot_summary(rows, path: str, *, title: str | None = None, progress=sys.stde
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def paired_label(row: dict) -> str:
+    """" (p 0.003)": the paired test against the principle in the prompt, when the row has
+    one."""
+    p = row.get("vs_prompt_p")
+    return "" if p is None else f" (p {p:.2g})"
 
 
 # ============================================================================ the tables
@@ -174,19 +207,31 @@ def markdown_report(summary: dict) -> str:
 
 def overall_table(overall: list[dict]) -> list[str]:
     """The lines of the table of every setting over all principles."""
-    lines = ["| setting | decoding | adherence (95 % CI) | clean | rep-3 | distinct-2 | "
-             "ppl pooled | ppl median | tokens | ended | mean r |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | decoding | adherence (95 % CI) | vs prompt: +/- (p) | clean | "
+             "clean vs prompt: +/- (p) | rep-3 | distinct-2 | ppl pooled | ppl median | "
+             "tokens | ended | mean r |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in overall:
         lines.append(f"| {r['setting']} | {r['decoding']} | {r['adherence']:.3f} "
                      f"({r['adherence_lo']:.2f}-{r['adherence_hi']:.2f}) | "
-                     f"{table_number(r.get('clean'))} | {table_number(r['rep3'])} | "
+                     f"{paired_cell(r, '')} | {table_number(r.get('clean'))} | "
+                     f"{paired_cell(r, 'clean_')} | {table_number(r['rep3'])} | "
                      f"{table_number(r['distinct2'])} | {table_number(r['ppl_pooled'], 2)} | "
                      f"{table_number(r['ppl_median'], 2)} | "
                      f"{table_number(r['mean_tokens'], 1)} | "
                      f"{table_number(r['eos_rate'], 2)} | "
                      f"{table_number(r.get('mean_ratio'), 2)} |")
     return lines
+
+
+def paired_cell(row: dict, prefix: str) -> str:
+    """"+29/-10 (0.003)": the pairs where only this setting passes, only the principle in
+    the prompt does, and the exact McNemar p-value; "-" without a paired test."""
+    p = row.get(f"vs_prompt_{prefix}p")
+    if p is None:
+        return "-"
+    return (f"+{row[f'vs_prompt_{prefix}wins']}/-{row[f'vs_prompt_{prefix}losses']} "
+            f"({p:.2g})")
 
 
 def principle_table(rows: list[dict], settings: list[str], decoding: str) -> list[str]:
