@@ -23,9 +23,11 @@ How it avoids sorting the vocabulary:
 Randomness: one uniform per row (``linalign.random``), so a seeded call draws the same
 tokens as the Triton kernel.
 """
+import dataclasses
+
 import torch
 
-from .arguments import StepArgs, StepOutput, used_ratio
+from .arguments import Penalties, StepArgs, StepOutput, used_ratio
 from .constants import FMAX, GAP, Status
 from .random import row_uniforms
 
@@ -271,6 +273,47 @@ def kl_ratio(logits_p, logits_0, temperature, kl_budget, max_ratio):
 
 
 
+# ---------------------------------------------------------------------------- penalties
+def penalize(z: torch.Tensor, penalties: Penalties) -> torch.Tensor:
+    """Logits after the penalties (docs/semantics.md, "Penalties"): ``z`` [B, V] or
+    [K, B, V] (every branch of the same B rows, which share the history) -> a new fp32
+    tensor of the same shape. The reference's arithmetic (``linalign.reference.penalized_row``),
+    elementwise over whole rows: a token's count comes from one ``scatter_add`` of the
+    history; tokens with count 0 and logits that are not finite keep their value."""
+    z = z.float()
+    B, V = z.shape[-2:]
+    dev = z.device
+    h = penalties.history
+    valid = (h >= 0) & (h < V)
+    counts = torch.zeros((B, V), dtype=torch.float32, device=dev).scatter_add_(
+        1, torch.where(valid, h, 0), valid.to(torch.float32))
+    rep, pres, freq = (_fp32_col(x, B, dev) for x in (penalties.repetition,
+                                                      penalties.presence,
+                                                      penalties.frequency))
+    x = torch.where(z < 0, z * rep, z / rep)
+    amount = (freq * counts + pres).clamp(-FMAX, FMAX)
+    out = (x - amount).clamp(-FMAX, FMAX)
+    return torch.where((counts > 0) & torch.isfinite(z), out, z)
+
+
+def with_penalties(args: StepArgs) -> StepArgs:
+    """``args`` with every branch penalised (fp32 copies), or ``args`` itself when it has no
+    penalties."""
+    if args.penalties is None:
+        return args
+    return dataclasses.replace(args, logits=penalize(args.logits, args.penalties),
+                               logits_0=penalize(args.logits_0, args.penalties),
+                               penalties=None)
+
+
+def _fp32_col(x, B, device):
+    """A number or a [B] tensor as an fp32 [B, 1] column (a number rounded to fp32 first,
+    as the reference computes with it)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float32).reshape(B, 1)
+    return torch.full((B, 1), float(x), dtype=torch.float32, device=device)
+
+
 # -------------------------------------------------------------------- several principles
 def _col(x, B, device):
     """A Python number stays a number; a [B] tensor becomes an fp32 [B, 1] column."""
@@ -336,7 +379,7 @@ def flag_bad_rows(status: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------- entry point
 def run(args: StepArgs) -> StepOutput:
     """The step on checked arguments (every mode); ``ratio`` of the output is [K, B]."""
-    args.host_seed()
+    args = with_penalties(args.host_seed())
     kw = dict(greedy=args.greedy, generator=args.generator, seed=args.seed,
               offset=args.offset)
     if args.K == 1:
