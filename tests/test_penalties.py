@@ -1,0 +1,220 @@
+"""Penalties in the step (docs/semantics.md, "Penalties"): the torch path against
+transformers' own ``RepetitionPenaltyLogitsProcessor`` (the oracle), the reference's
+OpenAI rule written out, every backend against the reference on fresh random inputs
+(per-row values, padding, repeated tokens, negative logits, -inf, several principles, kl
+mode; greedy exactly, sampling through the shared counter-based uniforms), neutral values
+taking today's path, and the errors."""
+import pytest
+import torch
+from transformers import RepetitionPenaltyLogitsProcessor
+
+import linalign
+from linalign import reference
+from linalign.arguments import Penalties
+from linalign.testing import two_branch
+from linalign.torch_backend import penalize
+
+BACKENDS = ["torch", "triton"]
+
+
+def history(B, H, V, *, seed, few=None):
+    """[B, H] int64 histories: ids drawn from ``few`` tokens (so they repeat), some rows
+    padded at the end (-1) and one all padding; garbage below -1 counts as padding too."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randint(0, few or V, (B, H), generator=g)
+    if B > 1:
+        h[1, H // 2:] = -1
+    if B > 2:
+        h[2] = -7
+    return h
+
+
+def penalties(B, seed, device):
+    """Per-row penalty values: repetition in [0.5, 2] (below 1 raises), presence and
+    frequency of both signs."""
+    g = torch.Generator().manual_seed(seed)
+    rep = 0.5 + 1.5 * torch.rand(B, generator=g)
+    pres = torch.randn(B, generator=g)
+    freq = 0.5 * torch.randn(B, generator=g)
+    return dict(repetition_penalty=rep.to(device), presence_penalty=pres.to(device),
+                frequency_penalty=freq.to(device))
+
+
+def with_negatives(zp, z0, seed):
+    """Shift some rows to negative logits and ban a few tokens in each branch."""
+    g = torch.Generator().manual_seed(seed)
+    zp, z0 = zp.clone(), z0.clone()
+    zp[0] -= 20.0
+    z0[0] -= 20.0
+    V = zp.shape[-1]
+    for z in (zp, z0):
+        cols = torch.randint(0, min(V, 12), (zp.shape[0], 3), generator=g)
+        z.scatter_(-1, cols.to(z.device), float("-inf"))
+    return zp, z0
+
+
+# ------------------------------------------------------------------------- the oracle
+@pytest.mark.parametrize("rep", [1.3, 0.7, 2.0])
+def test_repetition_penalty_matches_transformers(rep):
+    """The torch path with only the repetition penalty equals Hugging Face's processor run
+    on the answer's tokens (padding removed), bit for bit, on positive and negative logits."""
+    B, V, H = 4, 300, 25
+    zp, _ = two_branch(B, V, seed=1)
+    zp[1] = zp[1] - 8.0  # negative logits: multiplied by the penalty
+    h = history(B, H, V, seed=2, few=40)
+    got = penalize(zp, Penalties(h, rep, 0.0, 0.0))
+    hf = RepetitionPenaltyLogitsProcessor(rep)
+    for b in range(B):
+        ids = h[b][h[b] >= 0]
+        want = zp[b:b + 1].clone() if ids.numel() == 0 else hf(ids[None], zp[b:b + 1].clone())
+        assert torch.equal(got[b], want[0]), f"row {b}"
+
+
+def test_openai_rule_written_out():
+    """presence and frequency: logit - (frequency * count + presence) on seen tokens only,
+    after the repetition penalty; -inf stays -inf."""
+    z = torch.tensor([[2.0, -1.0, 0.5, float("-inf"), 3.0]])
+    h = torch.tensor([[0, 1, 1, 3, 0, 1, -1]])
+    got = penalize(z, Penalties(h, 2.0, 0.25, 0.5))
+    want = torch.tensor([[2.0 / 2 - (0.5 * 2 + 0.25), -1.0 * 2 - (0.5 * 3 + 0.25), 0.5,
+                          float("-inf"), 3.0]])
+    assert torch.equal(got, want)
+    assert torch.equal(reference.penalized_row(z[0], h[0], 2.0, 0.25, 0.5), want[0])
+
+
+def test_finite_logits_stay_finite_and_bad_ones_stay_bad():
+    z = torch.tensor([[1e38, -1e38, float("nan"), float("inf"), 1.0]])
+    h = torch.tensor([[0, 1, 2, 3, 4]])
+    got = penalize(z, Penalties(h, 1e-30, -3e38, -3e38))
+    assert torch.isfinite(got[0, :2]).all() and torch.isnan(got[0, 2])
+    assert got[0, 3] == float("inf") and torch.isfinite(got[0, 4])
+    torch.testing.assert_close(got[0], reference.penalized_row(z[0], h[0], 1e-30, -3e38, -3e38),
+                               rtol=0, atol=0, equal_nan=True)
+
+
+# ------------------------------------------------------------------ every backend
+def check_backends(zp, z0, device, **kw):
+    want = linalign.step(zp, z0, backend="reference", **kw)
+    for backend in BACKENDS:
+        got = linalign.step(zp, z0, backend=backend, **kw)
+        assert torch.equal(got.tokens.cpu(), want.tokens.cpu()), (backend, got.tokens.tolist(),
+                                                                  want.tokens.tolist())
+        assert torch.equal(got.status.cpu(), want.status.cpu()), backend
+        torch.testing.assert_close(got.logprobs.cpu(), want.logprobs.cpu(), atol=2e-4,
+                                   rtol=1e-4)
+    return want
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backends_match_reference(greedy, dtype, device):
+    B, V, H = 5, 257, 33
+    for trial in range(2):
+        zp, z0 = two_branch(B, V, seed=10 + trial, temperature=0.7, device=device)
+        zp, z0 = with_negatives(zp, z0, trial)
+        zp, z0 = zp.to(dtype), z0.to(dtype)
+        # the history holds the likeliest tokens, so the penalties move the choice
+        h = zp.float().topk(8, dim=-1).indices.repeat(1, 5)[:, :H].cpu()
+        h[1, 20:] = -1
+        h[2] = -1
+        kw = dict(ratio=torch.tensor([0.0, 1.0, 3.0, -0.5, 2.0], device=device),
+                  temperature=0.7, top_p=0.9, greedy=greedy, history=h.to(device),
+                  **penalties(B, trial, device))
+        if not greedy:
+            kw["seed"] = 123 + trial
+        want = check_backends(zp, z0, device, **kw)
+        plain = linalign.step(zp, z0, backend="reference",
+                              **{k: v for k, v in kw.items() if k in (
+                                  "ratio", "temperature", "top_p", "greedy", "seed")})
+        assert not torch.equal(want.tokens, plain.tokens), "the penalties changed nothing"
+
+
+def test_several_principles_and_kl_mode(device):
+    B, V, H = 3, 200, 16
+    zp, z0 = two_branch(B, V, seed=30, temperature=0.7, device=device)
+    z2, _ = two_branch(B, V, seed=31, temperature=0.7, device=device)
+    h = zp.topk(6, dim=-1).indices.repeat(1, 3)[:, :H]
+    pen = penalties(B, 7, device)
+    check_backends(torch.stack([zp, z2]), z0, device, ratio=[1.0, 2.0], temperature=0.7,
+                   top_p=0.9, greedy=True, history=h, **pen)
+    check_backends(zp, z0, device, kl_budget=0.3, temperature=0.7, top_p=0.9, greedy=True,
+                   history=h, **pen)
+    check_backends(zp, z0, device, kl_budget=0.3, temperature=0.7, top_p=0.9, greedy=False,
+                   seed=5, history=h, **pen)
+
+
+def test_penalties_reach_every_branch():
+    """The reference applies them to the principle branches and the base alike: the step on
+    penalised copies (penalties off) gives the same result."""
+    B, V = 4, 150
+    zp, z0 = two_branch(B, V, seed=40, temperature=0.7)
+    h = zp.topk(5, dim=-1).indices
+    pen = Penalties(h, 1.5, 0.3, 0.2)
+    kw = dict(ratio=2.0, temperature=0.7, top_p=0.9, greedy=True)
+    a = linalign.step(zp, z0, backend="reference", history=h, repetition_penalty=1.5,
+                      presence_penalty=0.3, frequency_penalty=0.2, **kw)
+    b = linalign.step(penalize(zp, pen), penalize(z0, pen), backend="reference", **kw)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+
+
+def test_sampling_distribution_with_penalties():
+    """Draws of the torch path follow the reference distribution of the penalised logits
+    (chi-square, docs/statistics.md)."""
+    from helpers import chi_square
+
+    n = 20000
+    zp, z0 = two_branch(1, 300, seed=41, temperature=1.0, steepness=1.3)
+    h = zp.topk(4, dim=-1).indices.repeat(1, 2)
+    pen = Penalties(h, 1.4, 0.2, 0.3)
+    kw = dict(ratio=1.0, temperature=1.0, top_p=0.95)
+    tokens = linalign.sample(zp.expand(n, -1), z0.expand(n, -1), seed=99, backend="torch",
+                             history=h.expand(n, -1), repetition_penalty=1.4,
+                             presence_penalty=0.2, frequency_penalty=0.3, **kw)
+    probs = reference.distribution(penalize(zp, pen), penalize(z0, pen), 1.0, 1.0, 0.95)[0]
+    chi_square(tokens, probs)
+
+
+# ----------------------------------------------------------------- neutral and errors
+def test_neutral_penalties_take_todays_path(monkeypatch, device):
+    """Neutral numbers (or no history, or an empty one) never reach the penalty code."""
+    from linalign import torch_backend
+
+    def boom(*a, **k):
+        raise AssertionError("penalty code ran")
+
+    monkeypatch.setattr(torch_backend, "penalize", boom)
+    zp, z0 = two_branch(2, 100, seed=50, device=device)
+    h = torch.zeros((2, 4), dtype=torch.int64, device=device)
+    kw = dict(ratio=1.0, temperature=0.5, top_p=0.8, greedy=True)
+    base = linalign.step(zp, z0, backend="torch", **kw)
+    for extra in (dict(history=h), dict(history=h[:, :0], repetition_penalty=2.0), {}):
+        out = linalign.step(zp, z0, backend="torch", **kw, **extra)
+        assert torch.equal(out.tokens, base.tokens)
+    args = linalign.arguments.normalize(zp, z0, kl_budget=None, max_ratio=1.0,
+                                        temperature=0.5, top_p=0.8, greedy=True,
+                                        generator=None, seed=None, offset=0, check=True,
+                                        ratio=1.0, history=h)
+    assert args.penalties is None
+
+
+def test_errors(device):
+    zp, z0 = two_branch(2, 100, seed=51, device=device)
+    kw = dict(ratio=1.0, temperature=0.5, top_p=0.8)
+    h = torch.zeros((2, 3), dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="need history="):
+        linalign.step(zp, z0, repetition_penalty=1.2, **kw)
+    with pytest.raises(ValueError, match=r"repetition_penalty must be finite and > 0"):
+        linalign.step(zp, z0, history=h, repetition_penalty=0.0, **kw)
+    with pytest.raises(ValueError, match=r"presence_penalty must be a finite number"):
+        linalign.step(zp, z0, history=h, presence_penalty=float("nan"), **kw)
+    with pytest.raises(ValueError, match=r"history must be an int64 tensor of shape \[B, H\]"):
+        linalign.step(zp, z0, history=h[:1], repetition_penalty=1.2, **kw)
+    with pytest.raises(ValueError, match=r"history must be an int64"):
+        linalign.step(zp, z0, history=h.float(), repetition_penalty=1.2, **kw)
+    with pytest.raises(ValueError, match=r"history has token ids >= V = 100 at rows \[1\]"):
+        linalign.step(zp, z0, history=torch.tensor([[1, 2, 3], [4, 100, -1]], device=device),
+                      repetition_penalty=1.2, **kw)
+    # without checking, an id >= V is padding on every backend
+    bad = torch.tensor([[1, 2, 3], [4, 100, -1]], device=device)
+    check_backends(zp, z0, device, history=bad, repetition_penalty=1.2, presence_penalty=1.0,
+                   greedy=True, check=False, **kw)
