@@ -218,3 +218,120 @@ def test_errors(device):
     bad = torch.tensor([[1, 2, 3], [4, 100, -1]], device=device)
     check_backends(zp, z0, device, history=bad, repetition_penalty=1.2, presence_penalty=1.0,
                    greedy=True, check=False, **kw)
+
+
+# ------------------------------------------------------------------------ the decoder
+@pytest.fixture(scope="module")
+def aligner(device):
+    from linalign.testing import ByteTokenizer, random_llama
+
+    return linalign.LinearAligner(random_llama("tiny", logit_std=1.5, device=device),
+                                  ByteTokenizer())
+
+
+PROMPTS = ["hello there, how are you today?", "a"]
+PENALTIES = dict(repetition_penalty=1.5, presence_penalty=0.2, frequency_penalty=0.3)
+
+
+def naive_penalized(model, ids_with, ids_without, n, **kw):
+    """Greedy decoding the slow way: both branches recomputed from scratch, the reference
+    step with the answer so far as the history."""
+    from helpers import branch_logits
+
+    a, b, toks = list(ids_with), list(ids_without), []
+    for _ in range(n):
+        h = torch.tensor([toks], dtype=torch.int64).reshape(1, -1)
+        out = reference.step(branch_logits(model, a), branch_logits(model, b), history=h,
+                             greedy=True, **kw)
+        t = int(out.tokens[0])
+        toks.append(t)
+        a.append(t)
+        b.append(t)
+    return toks
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_decoder_penalties_match_a_naive_decoder(aligner, fast):
+    kw = dict(ratio=1.0, temperature=0.5, top_p=0.8, **PENALTIES)
+    got = aligner.generate(PROMPTS, "Be kind.", max_new_tokens=20, fast=fast, **kw)
+    plain = aligner.generate(PROMPTS, "Be kind.", max_new_tokens=20, fast=fast, ratio=1.0)
+    assert got.token_ids != plain.token_ids, "the penalties changed nothing"
+    ids_with, ids_without = aligner.branches(PROMPTS, "Be kind.")
+    for i in range(len(PROMPTS)):
+        want = naive_penalized(aligner.model, ids_with[i], ids_without[i], 20, **kw)
+        assert got.token_ids[i] == want[:len(got.token_ids[i])], i
+
+
+def test_decoder_per_row_penalties_and_plain_decoding(aligner):
+    """One value per prompt; a neutral row decodes as without penalties (alone or not)."""
+    kw = dict(ratio=1.0, max_new_tokens=16)
+    mixed = aligner.generate(PROMPTS, "Be kind.", repetition_penalty=[1.0, 2.0], **kw)
+    none = aligner.generate(PROMPTS, "Be kind.", **kw)
+    alone = aligner.generate(PROMPTS[1:], "Be kind.", repetition_penalty=2.0, **kw)
+    assert mixed.token_ids[0] == none.token_ids[0]
+    assert mixed.token_ids[1] == alone.token_ids[0]
+    p = aligner.generate_plain(PROMPTS, None, max_new_tokens=16, frequency_penalty=1.0)
+    assert p.token_ids != aligner.generate_plain(PROMPTS, None, max_new_tokens=16).token_ids
+
+
+def test_neutral_values_take_todays_path(aligner, monkeypatch):
+    """Neutral penalties pass no history to the step (exactly today's call)."""
+    seen = []
+
+    def spy(zp, z0, **kw):
+        seen.append(sorted(kw))
+        return linalign.step(zp, z0, **kw)
+
+    monkeypatch.setattr(aligner, "step", spy)
+    aligner.generate(PROMPTS, "Be kind.", max_new_tokens=3, repetition_penalty=1.0)
+    assert seen and all("history" not in k for k in seen)
+    seen.clear()
+    aligner.generate(PROMPTS, "Be kind.", max_new_tokens=3, repetition_penalty=1.1)
+    assert seen and all("history" in k for k in seen)
+
+
+# ---------------------------------------------------------------- no-repeat n-grams
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_ngram_bans_match_transformers(n):
+    """The bans on a history equal Hugging Face's NoRepeatNGramLogitsProcessor run on the
+    answer's tokens alone."""
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    from linalign.decoding import ban_repeated_ngrams
+
+    V, N = 12, 30
+    g = torch.Generator().manual_seed(n)
+    for t in (0, 1, 2, 5, 17, 29):
+        hist = torch.full((3, N), -1, dtype=torch.int64)
+        hist[:, :t] = torch.randint(0, 4, (3, t), generator=g)  # few tokens: many repeats
+        z = torch.randn(3, V, generator=g)
+        zp, z0 = ban_repeated_ngrams(z, z + 1, hist, torch.full((3,), t), n)
+        for b in range(3):
+            want = NoRepeatNGramLogitsProcessor(n)(hist[b:b + 1, :t], z[b:b + 1].clone())
+            assert torch.equal(zp[b], want[0]), (n, t, b)
+            assert torch.equal(z0[b] == float("-inf"), want[0] == float("-inf"))
+
+
+def test_decoder_never_repeats_an_ngram(aligner):
+    """The tiny model loops without it (a repeated bigram); with it no bigram repeats."""
+    def bigrams(ids):
+        return [tuple(ids[i:i + 2]) for i in range(len(ids) - 1)]
+
+    loose = aligner.generate(PROMPTS, "Be kind.", max_new_tokens=30)
+    assert any(len(set(bigrams(t))) < len(bigrams(t)) for t in loose.token_ids)
+    for fast in (False, True):
+        got = aligner.generate(PROMPTS, "Be kind.", max_new_tokens=30, fast=fast,
+                               no_repeat_ngram_size=2)
+        for t in got.token_ids:
+            assert len(set(bigrams(t))) == len(bigrams(t)), t
+
+
+def test_option_errors(aligner):
+    with pytest.raises(ValueError, match="repetition_penalty must be finite and > 0"):
+        aligner.generate("a", "b", repetition_penalty=-1.0)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size must be an int >= 0"):
+        aligner.generate("a", "b", no_repeat_ngram_size=-1)
+    with pytest.raises(TypeError, match="stop must be a string or a list of strings"):
+        aligner.generate("a", "b", stop=[1])
+    with pytest.raises(ValueError, match="stop has an empty string"):
+        aligner.generate("a", "b", stop=[""])
