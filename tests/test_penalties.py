@@ -335,3 +335,55 @@ def test_option_errors(aligner):
         aligner.generate("a", "b", stop=[1])
     with pytest.raises(ValueError, match="stop has an empty string"):
         aligner.generate("a", "b", stop=[""])
+
+
+# ----------------------------------------------------------------------- linalign.hf
+def _generated(seq, L, eos):
+    rows = []
+    for r in seq[:, L:].tolist():
+        rows.append(r[:next((i + 1 for i, x in enumerate(r) if x == eos), len(r))])
+    return rows
+
+
+def test_hf_generate_applies_the_penalties_once(aligner):
+    """generate(repetition_penalty=..., no_repeat_ngram_size=...) with custom_generate:
+    applied once, to both branches, on the answer (the aligner's tokens), not by
+    generate's own processors on the principle branch (those would give other tokens)."""
+    from linalign import hf
+    from linalign.testing import ByteTokenizer
+
+    model = aligner.model
+    batch = hf.prepare(ByteTokenizer(), PROMPTS, "Be kind.", device=model.device)
+    kw = dict(repetition_penalty=1.5, no_repeat_ngram_size=2)
+    seq = model.generate(**batch, custom_generate=hf.generate, do_sample=False,
+                         max_new_tokens=12, presence_penalty=0.2, frequency_penalty=0.3,
+                         ratio=1.0, **kw)
+    got = _generated(seq, batch["input_ids"].shape[1], ByteTokenizer.eos_token_id)
+    ids_with, ids_without = aligner.branches(PROMPTS, "Be kind.")
+    want = aligner.generate_ids(ids_with, ids_without, max_new_tokens=12, ratio=1.0,
+                                presence_penalty=0.2, frequency_penalty=0.3, **kw)
+    assert got == want.token_ids
+    out = hf.generate(model, **batch, do_sample=False, max_new_tokens=12, ratio=1.0,
+                      return_dict_in_generate=True, output_scores=True, **kw)
+    L = batch["input_ids"].shape[1]
+    for t, s in enumerate(out.scores):  # the scores are the penalised aligned scores
+        live = (out.sequences[:, L:L + t] != ByteTokenizer.eos_token_id).all(1)
+        assert torch.equal(s.argmax(-1)[live], out.sequences[live, L + t])
+
+
+def test_hf_processor_penalties(aligner):
+    """The processor takes the penalties itself and applies them to both branches from the
+    tokens generate appended: the aligner's greedy tokens."""
+    from linalign import hf
+    from linalign.testing import ByteTokenizer
+
+    model = aligner.model
+    batch = hf.prepare(ByteTokenizer(), PROMPTS, "Be kind.", device=model.device)
+    without = (batch.pop("ids_without"), batch.pop("attention_mask_without"))
+    proc = hf.LinearAlignmentLogitsProcessor(model, *without, ratio=1.0, **PENALTIES)
+    seq = model.generate(**batch, logits_processor=[proc], do_sample=False, max_new_tokens=12)
+    got = _generated(seq, batch["input_ids"].shape[1], ByteTokenizer.eos_token_id)
+    ids_with, ids_without = aligner.branches(PROMPTS, "Be kind.")
+    want = aligner.generate_ids(ids_with, ids_without, max_new_tokens=12, ratio=1.0,
+                                **PENALTIES)
+    assert got == want.token_ids
