@@ -387,3 +387,70 @@ def test_hf_processor_penalties(aligner):
     want = aligner.generate_ids(ids_with, ids_without, max_new_tokens=12, ratio=1.0,
                                 **PENALTIES)
     assert got == want.token_ids
+
+
+# ------------------------------------------------------------------- graph safety
+def penalized_step(zp, z0, h, rep, pres, freq, seeds, offset):
+    out = linalign.step(zp, z0, ratio=1.0, temperature=0.5, top_p=0.8, seed=seeds,
+                        offset=offset, history=h, repetition_penalty=rep,
+                        presence_penalty=pres, frequency_penalty=freq, backend="triton",
+                        check=False)
+    return out.tokens, out.logprobs, out.status
+
+
+def graph_inputs(device, B=3, V=700, H=40):
+    zp, z0 = two_branch(B, V, seed=60, temperature=0.5, device=device)
+    h = zp.topk(10, dim=-1).indices.repeat(1, 4)[:, :H].contiguous()
+    h[0, 25:] = -1
+    pen = penalties(B, 8, device)
+    return [zp, z0, h, *pen.values(), torch.tensor([4, 5, 6], device=device),
+            torch.zeros(B, dtype=torch.int64, device=device)]
+
+
+def test_penalized_step_compiles_fullgraph(device):
+    """Under torch.compile(fullgraph=True) the penalties trace (no graph break) and give the
+    eager tokens, without recompiling as the history fills."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    fn = torch.compile(penalized_step, fullgraph=True,
+                       backend="inductor" if device.type == "cuda" else "aot_eager")
+    args = graph_inputs(device)
+    for i in range(3):
+        args[2][:, 30 + i] = i  # the history grows in place
+        args[-1].fill_(i)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got = fn(*args)
+        want = penalized_step(*args)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_penalized_step_captures_without_host_sync():
+    """No host synchronisation, and a CUDA graph whose replays on new logits and a longer
+    history equal eager calls."""
+    dev = torch.device("cuda")
+    args = graph_inputs(dev, B=64, V=32000, H=256)
+    run = lambda: penalized_step(*args)  # noqa: E731
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static = run()
+    for i in range(3):
+        new_p, new_0 = two_branch(64, 32000, seed=70 + i, temperature=0.5, device=dev)
+        args[0].copy_(new_p)
+        args[1].copy_(new_0)
+        args[2][:, 100 + i] = 7 + i
+        args[-1].fill_(i + 1)
+        g.replay()
+        want = run()
+        for a, b in zip(static, want):
+            assert torch.equal(a, b)
