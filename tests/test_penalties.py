@@ -454,3 +454,45 @@ def test_penalized_step_captures_without_host_sync():
         want = run()
         for a, b in zip(static, want):
             assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------ the commands
+def test_commands_take_the_options(tmp_path, capsys):
+    """generate and run take the flags, decode what LinearAligner decodes with them, and
+    run's result lines record them."""
+    import argparse
+    import json
+
+    from linalign import cli, runner
+    from linalign.cli_args import TINY_MODEL, load_aligner
+
+    aligner = load_aligner(argparse.Namespace(model=TINY_MODEL, system=None, device="cpu",
+                                              dtype="auto", threads=None))
+    free = aligner.generate("Tell me about the sea.", "Be kind.", max_new_tokens=12).text
+    stop = free[4:6]
+    opts = dict(repetition_penalty=1.5, presence_penalty=0.25, frequency_penalty=0.5,
+                no_repeat_ngram_size=3, stop=(stop,))
+    want = aligner.generate("Tell me about the sea.", "Be kind.", max_new_tokens=12, **opts)
+    flags = ["--model", TINY_MODEL, "--device", "cpu", "--threads", "1",
+             "--max-new-tokens", "12", "--repetition-penalty", "1.5", "--presence-penalty",
+             "0.25", "--frequency-penalty", "0.5", "--no-repeat-ngram-size", "3",
+             "--stop", stop]
+    assert cli.main(["generate", "Tell me about the sea.", "--principle", "Be kind.",
+                     *flags]) == 0
+    assert capsys.readouterr().out == want.text.strip() + "\n"
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": 1, "prompt": "Tell me about the sea.",
+                               "principle": "Be kind."}) + "\n")
+    assert runner.main(["--input", str(inp), "--output", str(tmp_path / "out.jsonl"),
+                        "--no-progress", "--token-ids", *flags]) == 0
+    out = json.loads((tmp_path / "out.jsonl").read_text())
+    assert out["text"] == want.text and out["token_ids"] == want.token_ids[0]
+    assert out["finish_reason"] == want.finish_reasons[0] == "stop"
+    capsys.readouterr()
+    s = out["settings"]
+    assert (s["repetition_penalty"], s["presence_penalty"], s["frequency_penalty"],
+            s["no_repeat_ngram_size"], s["stop"]) == (1.5, 0.25, 0.5, 3, [stop])
+    for bad in (["--repetition-penalty", "0"], ["--no-repeat-ngram-size", "-1"],
+                ["--stop", ""]):
+        assert cli.main(["generate", "Q", "--principle", "P", *bad]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
