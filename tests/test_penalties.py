@@ -496,3 +496,43 @@ def test_commands_take_the_options(tmp_path, capsys):
                 ["--stop", ""]):
         assert cli.main(["generate", "Q", "--principle", "P", *bad]) == 2
         assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_run_lines_carry_their_own_penalties(tmp_path):
+    """A line's penalties and no_repeat_ngram_size override the command's, per row, like
+    its ratio: each row is what LinearAligner gives that prompt alone with them."""
+    import argparse
+    import json
+
+    from linalign import runner
+    from linalign.cli_args import TINY_MODEL, load_aligner
+
+    aligner = load_aligner(argparse.Namespace(model=TINY_MODEL, system=None, device="cpu",
+                                              dtype="auto", threads=None))
+    lines = [{"id": 1, "prompt": "Tell me about the sea.", "principle": "Be kind.",
+              "repetition_penalty": 2.0, "frequency_penalty": 0.5},
+             {"id": 2, "prompt": "hello there", "principle": "Be kind."},
+             {"id": 3, "prompt": "a", "principle": "Be kind.", "no_repeat_ngram_size": 2,
+              "presence_penalty": -0.5}]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert runner.main(["--input", str(inp), "--output", str(tmp_path / "out.jsonl"),
+                        "--model", TINY_MODEL, "--device", "cpu", "--threads", "1",
+                        "--no-progress", "--token-ids", "--max-new-tokens", "10",
+                        "--repetition-penalty", "1.2"]) == 0
+    out = {o["id"]: o for o in map(json.loads, (tmp_path / "out.jsonl").read_text()
+                                   .splitlines())}
+    for line in lines:
+        opts = dict(repetition_penalty=1.2, presence_penalty=0.0, frequency_penalty=0.0,
+                    no_repeat_ngram_size=0)
+        opts.update({k: v for k, v in line.items() if k in opts})
+        want = aligner.generate(line["prompt"], line["principle"], max_new_tokens=10, **opts)
+        o = out[line["id"]]
+        assert o["token_ids"] == want.token_ids[0], line["id"]
+        assert {k: o["settings"][k] for k in opts} == opts
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": 1, "prompt": "a", "principle": "b",
+                               "repetition_penalty": 0}) + "\n")
+    assert runner.main(["--input", str(bad), "--output", str(tmp_path / "o2.jsonl"),
+                        "--model", TINY_MODEL, "--device", "cpu", "--no-progress",
+                        "--strict"]) == 2
