@@ -14,7 +14,9 @@ synchronisation: it captures in a CUDA graph. Bytes per call, B rows of V logits
 2 B V s (docs/gpu.md, "Penalties").
 
 The arithmetic is the reference's, in fp32, with contraction into fused multiply-adds
-switched off (``enable_fp_fusion=False``), so that every backend rounds alike.
+switched off (``enable_fp_fusion=False``) and an IEEE-rounded division (``tl.div_rn``:
+Triton's ``/`` compiles to an approximate one), so that every backend rounds alike
+(``tests/test_penalties.py`` reads the PTX).
 """
 import triton
 import triton.language as tl
@@ -57,7 +59,7 @@ def la_penalty_kernel(src_ptr, dst_ptr, hist_ptr, rep_ptr, pres_ptr, freq_ptr, r
     col = tl.where(valid, tok, 0)
     z = tl.load(src_ptr + k.to(tl.int64) * stride_sk + row.to(tl.int64) * stride_sb + col,
                 mask=valid, other=0.0).to(tl.float32)
-    x = tl.where(z < 0, z * rep, z / rep)
+    x = tl.where(z < 0, z * rep, tl.div_rn(z, rep))  # IEEE division (`/` is approximate)
     amount = tl.minimum(tl.maximum(freq * count.to(tl.float32) + pres, -FMAX), FMAX)
     out = tl.minimum(tl.maximum(x - amount, -FMAX), FMAX)
     finite = (z == z) & (tl.abs(z) < float("inf"))

@@ -536,3 +536,46 @@ def test_run_lines_carry_their_own_penalties(tmp_path):
     assert runner.main(["--input", str(bad), "--output", str(tmp_path / "o2.jsonl"),
                         "--model", TINY_MODEL, "--device", "cpu", "--no-progress",
                         "--strict"]) == 2
+
+
+COMPILE = r"""
+import re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from linalign.kernels import INTERPRETED, penalties as kp
+
+assert not INTERPRETED
+types = dict(src_ptr="*" + sys.argv[1], dst_ptr="*fp32", hist_ptr="*i64", rep_ptr="*fp32",
+             pres_ptr="*fp32", freq_ptr="*fp32", rep_v="fp32", pres_v="fp32", freq_v="fp32",
+             stride_sk="i64", stride_sb="i64", stride_dk="i64", stride_db="i64",
+             stride_h="i64")
+for per_row in (False, True):
+    const = dict(REP_PER_ROW=per_row, PRES_PER_ROW=per_row, FREQ_PER_ROW=not per_row,
+                 BLOCK_H=kp.BLOCK_H)
+    sig = {a: "constexpr" if a in const else types.get(a, "i32")
+           for a in kp.la_penalty_kernel.arg_names}
+    k = triton.compile(ASTSource(fn=kp.la_penalty_kernel, signature=sig, constexprs=const),
+                       target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=4, **kp._OPTIONS))
+    assert len(k.asm["cubin"]) > 0
+    ptx = k.asm["ptx"]
+    assert not re.search(r"\bfma\.rn\.f32\b", ptx), "a fused multiply-add in the penalty"
+    assert re.search(r"\bdiv\.rn\.f32\b", ptx), "the division is not IEEE-rounded"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_penalty_kernel_compiles_for_sm90_without_fused_multiply_adds(dtype):
+    """The interpreter accepts what the compiler may reject: the kernel compiles to a cubin
+    for sm_90 (the Triton wheel's ptxas), and its PTX has no fused multiply-add and an
+    IEEE-rounded division, so the GPU rounds as the reference does."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", COMPILE, dtype], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
