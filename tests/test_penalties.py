@@ -135,8 +135,10 @@ def test_several_principles_and_kl_mode(device):
     z2, _ = two_branch(B, V, seed=31, temperature=0.7, device=device)
     h = zp.topk(6, dim=-1).indices.repeat(1, 3)[:, :H]
     pen = penalties(B, 7, device)
-    check_backends(torch.stack([zp, z2]), z0, device, ratio=[1.0, 2.0], temperature=0.7,
-                   top_p=0.9, greedy=True, history=h, **pen)
+    for greedy in (True, False):
+        check_backends(torch.stack([zp, z2]), z0, device, ratio=[1.0, 2.0], temperature=0.7,
+                       top_p=0.9, greedy=greedy, seed=None if greedy else 11, history=h,
+                       **pen)
     check_backends(zp, z0, device, kl_budget=0.3, temperature=0.7, top_p=0.9, greedy=True,
                    history=h, **pen)
     check_backends(zp, z0, device, kl_budget=0.3, temperature=0.7, top_p=0.9, greedy=False,
@@ -238,14 +240,18 @@ def naive_penalized(model, ids_with, ids_without, n, **kw):
     step with the answer so far as the history."""
     from helpers import branch_logits
 
-    a, b, toks = list(ids_with), list(ids_without), []
+    multi = isinstance(ids_with[0], (list, tuple))
+    a = [list(x) for x in ids_with] if multi else [list(ids_with)]
+    b, toks = list(ids_without), []
     for _ in range(n):
         h = torch.tensor([toks], dtype=torch.int64).reshape(1, -1)
-        out = reference.step(branch_logits(model, a), branch_logits(model, b), history=h,
+        zs = torch.stack([branch_logits(model, x) for x in a])
+        out = reference.step(zs if multi else zs[0], branch_logits(model, b), history=h,
                              greedy=True, **kw)
         t = int(out.tokens[0])
         toks.append(t)
-        a.append(t)
+        for x in a:
+            x.append(t)
         b.append(t)
     return toks
 
@@ -260,6 +266,24 @@ def test_decoder_penalties_match_a_naive_decoder(aligner, fast):
     for i in range(len(PROMPTS)):
         want = naive_penalized(aligner.model, ids_with[i], ids_without[i], 20, **kw)
         assert got.token_ids[i] == want[:len(got.token_ids[i])], i
+
+
+def test_decoder_penalties_with_two_principles_and_kl_mode(aligner):
+    """Every principle branch and the base get the penalties (the naive decoder's
+    reference step on all K + 1 branches), and kl mode derives its ratio after them."""
+    prompt = PROMPTS[:1]
+    two = ["Be kind.", "Be brief."]
+    kw = dict(temperature=0.5, top_p=0.8, **PENALTIES)
+    got = aligner.generate(prompt, [two], max_new_tokens=16, ratio=[[1.0, 2.0]], **kw)
+    withs, without = aligner.branches(prompt, [two])
+    want = naive_penalized(aligner.model, [w[0] for w in withs], without[0], 16,
+                           ratio=[1.0, 2.0], **kw)
+    assert got.token_ids[0] == want[:len(got.token_ids[0])]
+    got = aligner.generate(prompt, "Be kind.", max_new_tokens=16, kl_budget=0.5, **kw)
+    ids_with, ids_without = aligner.branches(prompt, "Be kind.")
+    want = naive_penalized(aligner.model, ids_with[0], ids_without[0], 16, kl_budget=0.5,
+                           **kw)
+    assert got.token_ids[0] == want[:len(got.token_ids[0])]
 
 
 def test_decoder_per_row_penalties_and_plain_decoding(aligner):
