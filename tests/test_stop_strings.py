@@ -3,7 +3,6 @@ occurrence of any stop string, with finish reason "stop"; its ids run up to the 
 completed it; rows stop independently; streaming never shows text that a stop string later
 cuts; the callback of finished rows gets the cut text; the fast loop agrees."""
 import pytest
-import torch
 
 import linalign
 from linalign.streaming import first_stop, held_back
