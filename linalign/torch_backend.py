@@ -277,23 +277,33 @@ def kl_ratio(logits_p, logits_0, temperature, kl_budget, max_ratio):
 def penalize(z: torch.Tensor, penalties: Penalties) -> torch.Tensor:
     """Logits after the penalties (docs/semantics.md, "Penalties"): ``z`` [B, V] or
     [K, B, V] (every branch of the same B rows, which share the history) -> a new fp32
-    tensor of the same shape. The reference's arithmetic (``linalign.reference.penalized_row``),
-    elementwise over whole rows: a token's count comes from one ``scatter_add`` of the
-    history; tokens with count 0 and logits that are not finite keep their value."""
-    z = z.float()
+    tensor of the same shape, no host synchronisation.
+
+    The reference's arithmetic (``linalign.reference.penalized_row``) on the touched entries
+    only: each history entry's count (one ``scatter_add`` into a [B, V] buffer, read back
+    with ``gather``), its logit, its penalised value, scattered into a copy of ``z``.
+    Padding entries are pointed at the row's largest valid id (so they write the value its
+    own entries write: the scatter has no race), or at id 0 with count 0 (unchanged) when
+    the row has none."""
+    out = z.float().clone()
     B, V = z.shape[-2:]
     dev = z.device
     h = penalties.history
     valid = (h >= 0) & (h < V)
+    ids = torch.where(valid, h, -1)
+    top = ids.amax(1, keepdim=True).clamp(min=0)  # [B, 1]: the row's largest valid id
+    idx = torch.where(valid, h, top)  # [B, H]
     counts = torch.zeros((B, V), dtype=torch.float32, device=dev).scatter_add_(
-        1, torch.where(valid, h, 0), valid.to(torch.float32))
+        1, torch.where(valid, h, 0), valid.to(torch.float32)).gather(1, idx)
     rep, pres, freq = (_fp32_col(x, B, dev) for x in (penalties.repetition,
                                                       penalties.presence,
                                                       penalties.frequency))
-    x = torch.where(z < 0, z * rep, z / rep)
+    idx = idx.expand(*out.shape[:-1], -1)
+    x = out.gather(-1, idx)  # [..., B, H]
+    y = torch.where(x < 0, x * rep, x / rep)
     amount = (freq * counts + pres).clamp(-FMAX, FMAX)
-    out = (x - amount).clamp(-FMAX, FMAX)
-    return torch.where((counts > 0) & torch.isfinite(z), out, z)
+    y = (y - amount).clamp(-FMAX, FMAX)
+    return out.scatter_(-1, idx, torch.where((counts > 0) & torch.isfinite(x), y, x))
 
 
 def with_penalties(args: StepArgs) -> StepArgs:
