@@ -70,7 +70,7 @@ def la_penalty_kernel(src_ptr, dst_ptr, hist_ptr, rep_ptr, pres_ptr, freq_ptr, r
 BLOCK_H = 64
 #: Compile options of the launch: no fused multiply-adds (see the module docstring); the
 #: interpreter takes no compile options.
-_OPTIONS = {} if INTERPRETED else {"enable_fp_fusion": False}
+COMPILE_OPTIONS = {} if INTERPRETED else {"enable_fp_fusion": False}
 
 
 def _scalar_or_rows(x, device):
@@ -105,5 +105,5 @@ def la_penalize(logits, history, repetition, presence, frequency, out=None):
     la_penalty_kernel[(B, triton.cdiv(H, BLOCK_H), K)](
         src, out, h, r_t, p_t, f_t, r_v, p_v, f_v, H, V, src.stride(0), src.stride(1),
         out.stride(0), out.stride(1), h.stride(0), REP_PER_ROW=r_row, PRES_PER_ROW=p_row,
-        FREQ_PER_ROW=f_row, BLOCK_H=BLOCK_H, num_warps=4, **_OPTIONS)
+        FREQ_PER_ROW=f_row, BLOCK_H=BLOCK_H, num_warps=4, **COMPILE_OPTIONS)
     return out

@@ -581,7 +581,7 @@ for per_row in (False, True):
            for a in kp.la_penalty_kernel.arg_names}
     k = triton.compile(ASTSource(fn=kp.la_penalty_kernel, signature=sig, constexprs=const),
                        target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=4, **kp._OPTIONS))
+                       options=dict(num_warps=4, **kp.COMPILE_OPTIONS))
     assert len(k.asm["cubin"]) > 0
     ptx = k.asm["ptx"]
     assert not re.search(r"\bfma\.rn\.f32\b", ptx), "a fused multiply-add in the penalty"
