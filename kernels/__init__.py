@@ -6,7 +6,8 @@ the first import to run the kernels through Triton's interpreter (decoration tim
 ``INTERPRETED`` remembers what it was).
 """
 from .compose import la_compose, la_compose_kernel
+from .penalties import la_penalize, la_penalty_kernel
 from .step import INTERPRETED, la_chunk_kernel, la_flat_kernel, la_step, step_paths
 
 __all__ = ["la_step", "step_paths", "la_chunk_kernel", "la_flat_kernel", "la_compose",
-           "la_compose_kernel", "INTERPRETED"]
+           "la_compose_kernel", "la_penalize", "la_penalty_kernel", "INTERPRETED"]

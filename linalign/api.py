@@ -43,6 +43,16 @@ generator, seed, offset
     decoding step (e.g. the position), or every step draws the same uniform. ``generator``:
     a ``torch.Generator`` on the logits' device, used when no seed is given (default:
     torch's global generator).
+history, repetition_penalty, presence_penalty, frequency_penalty
+    Penalties (docs/semantics.md, "Penalties"), applied to every branch before anything
+    else. ``history``: [B, H] int64, the tokens of each row's answer so far (entries < 0 are
+    padding; with ``check`` an id >= V is a ``ValueError``, without it padding). Each penalty
+    is a number or a [B] tensor: with ``c`` the count of a token in the row's history, a
+    token with ``c > 0`` first has its logit divided by ``repetition_penalty`` (> 0) when
+    positive and multiplied by it when negative (Hugging Face's rule), then lowered by
+    ``frequency_penalty * c + presence_penalty`` (the OpenAI rule). A finite logit stays
+    finite (clamped to the fp32 range), ``-inf`` stays ``-inf``. Neutral values (1, 0, 0,
+    the defaults, as numbers) or no history leave the step exactly as without them.
 backend
     "auto" (CUDA tensors -> "triton", CPU tensors -> "torch"), "triton", "torch",
     "reference".
@@ -85,6 +95,7 @@ def _backend_module(name):
 
 def step(logits_p, logits_0, *, ratio=None, kl_budget=None, max_ratio=MAX_RATIO,
          temperature=1.0, top_p=1.0, greedy=False, generator=None, seed=None, offset=0,
+         history=None, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
          backend="auto", check=True) -> StepOutput:
     """One Linear Alignment decoding step over a batch (docs/semantics.md).
 
@@ -93,6 +104,7 @@ def step(logits_p, logits_0, *, ratio=None, kl_budget=None, max_ratio=MAX_RATIO,
     ``s = (z_p + r (z_p - z_0)) / T`` on ``N``, ``-inf`` elsewhere and on tokens that are
     ``-inf`` in either branch; the token is ``argmax s`` (greedy) or drawn from
     ``softmax(s)``. If banning empties ``N`` the row uses r = 0 (``Status.FALLBACK``).
+    Penalties from ``history`` change both branches' logits first.
 
     Give ``ratio`` (a fixed step) or ``kl_budget`` (kl mode: r per row from the branches;
     ``max_ratio`` caps it). ``logits_p`` may hold K principle branches, [K, B, V] (or a list
@@ -106,7 +118,9 @@ def step(logits_p, logits_0, *, ratio=None, kl_budget=None, max_ratio=MAX_RATIO,
     """
     args = normalize(logits_p, logits_0, ratio=ratio, kl_budget=kl_budget,
                      max_ratio=max_ratio, temperature=temperature, top_p=top_p, greedy=greedy,
-                     generator=generator, seed=seed, offset=offset, check=check)
+                     generator=generator, seed=seed, offset=offset, check=check,
+                     history=history, repetition_penalty=repetition_penalty,
+                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     out = _backend_module(resolve_backend(backend, args.device)).run(args)
     if isinstance(logits_p, torch.Tensor) and logits_p.dim() == 2:
         out = out._replace(ratio=out.ratio[0])

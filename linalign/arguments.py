@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from .constants import SEED_LIMIT, TINY_T, Status
-from .options import check_flag, check_number, rule_of
+from .options import NEUTRAL_PENALTIES, check_flag, check_number, rule_of
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -34,12 +34,26 @@ class StepOutput(NamedTuple):
 
 
 @dataclass
+class Penalties:
+    """The penalties of a step (docs/semantics.md, "Penalties"): ``history`` [B, H] int64,
+    the answer's tokens so far per row (entries < 0, or >= V with check=False, are
+    padding); ``repetition``, ``presence``, ``frequency``: a number or a [B] fp32 tensor
+    each."""
+
+    history: torch.Tensor
+    repetition: object
+    presence: object
+    frequency: object
+
+
+@dataclass
 class StepArgs:
     """Checked arguments of one step. ``logits``: [K, B, V] principle branches; ``logits_0``:
     [B, V]; ``ratios``: K numbers or [B] fp32 tensors (None in kl mode); ``kl``: (budget,
     cap), numbers or [B] tensors, or None; ``temperature``, ``top_p``: a number or a [B]
     tensor; ``seed``: None, an int, a [B] int64 tensor, or (Triton only) a 0-d int64 device
-    tensor; ``offset``: an int or a [B] int64 tensor."""
+    tensor; ``offset``: an int or a [B] int64 tensor; ``penalties``: ``Penalties``, or None
+    when they cannot change a logit (neutral values or an empty history)."""
 
     logits: torch.Tensor
     logits_0: torch.Tensor
@@ -51,6 +65,7 @@ class StepArgs:
     generator: torch.Generator | None
     seed: object
     offset: object
+    penalties: Penalties | None = None
 
     @property
     def K(self) -> int:
@@ -176,8 +191,41 @@ def ratio_list(ratio, K, B) -> list:
     return [ratio] * K
 
 
+def penalty_args(history, penalties: dict, B, V, device, check) -> Penalties | None:
+    """The penalties as ``Penalties``, or None when they change nothing: every value a
+    neutral number (``NEUTRAL_PENALTIES``), no history, or an empty one. ``history``: an
+    integer [B, H] tensor on the logits' device; with ``check`` its ids must be < V."""
+    neutral = all(not isinstance(x, torch.Tensor) and x == NEUTRAL_PENALTIES[name]
+                  for name, x in penalties.items())
+    if history is None:
+        if not neutral:
+            raise ValueError("repetition_penalty, presence_penalty and frequency_penalty need "
+                             "history= (the [B, H] int64 tokens generated so far per row)")
+        return None
+    if not isinstance(history, torch.Tensor) or history.dtype.is_floating_point or \
+            history.dtype.is_complex or history.dtype == torch.bool or history.dim() != 2 \
+            or history.shape[0] != B:
+        what = f"{history.dtype} of shape {list(history.shape)}" if isinstance(
+            history, torch.Tensor) else type(history).__name__
+        raise ValueError(f"history must be an int64 tensor of shape [B, H] = [{B}, H] (the "
+                         f"tokens generated so far, < 0 for padding); got {what}")
+    if history.device != device:
+        raise ValueError(f"history is on {history.device} but the logits are on {device}")
+    values = {name: real_param(name, x, B, device, check) for name, x in penalties.items()}
+    if neutral or history.shape[1] == 0:
+        return None
+    history = history.to(torch.int64)
+    if check and history.numel() and bool((history >= V).any()):
+        bad = (history >= V).any(1)
+        raise ValueError(f"history has token ids >= V = {V} at rows {rows_text(bad)}; "
+                         "expected ids in [0, V), or < 0 for padding")
+    return Penalties(history, values["repetition_penalty"], values["presence_penalty"],
+                     values["frequency_penalty"])
+
+
 def normalize(logits_p, logits_0, *, ratio, kl_budget, max_ratio, temperature, top_p,
-              greedy, generator, seed, offset, check) -> StepArgs:
+              greedy, generator, seed, offset, check, history=None, repetition_penalty=1.0,
+              presence_penalty=0.0, frequency_penalty=0.0) -> StepArgs:
     """Check every argument of a step (docs/errors.md lists the errors); return
     ``StepArgs``."""
     if (ratio is None) == (kl_budget is None):
@@ -230,8 +278,12 @@ def normalize(logits_p, logits_0, *, ratio, kl_budget, max_ratio, temperature, t
         offset = offset.expand(B)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+    penalties = penalty_args(history, dict(repetition_penalty=repetition_penalty,
+                                           presence_penalty=presence_penalty,
+                                           frequency_penalty=frequency_penalty),
+                             B, V, dev, check)
     return StepArgs(zs, logits_0, ratios, kl, temperature, top_p, check_flag("greedy", greedy),
-                    generator, seed, offset)
+                    generator, seed, offset, penalties)
 
 
 def used_ratio(r, status: torch.Tensor) -> torch.Tensor:

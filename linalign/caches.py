@@ -42,9 +42,10 @@ class DynamicCaches:
 
     @contextmanager
     def session(self, call, G, B, groups, N, *, greedy, want_logprobs, kl, pad_id, eos_ids,
-                **_):
+                penalized=False, ngram=0, **_):
         state = DecodeState(G, B, N, greedy=greedy, want_logprobs=want_logprobs, kl=kl,
-                            eos_ids=eos_ids, pad_id=pad_id, device=call.device)
+                            eos_ids=eos_ids, pad_id=pad_id, device=call.device,
+                            penalized=penalized, ngram=ngram)
         yield DynamicSession(call, state, pad_id, N, self.stacked, self.drop_finished)
 
 
@@ -104,15 +105,15 @@ class StaticGraph:
 
     @contextmanager
     def session(self, call, G, B, groups, N, *, greedy, want_logprobs, kl, pad_id, eos_ids,
-                step, backend):
+                step, backend, penalized=False, ngram=0):
         L = max(len(r) for g in groups for r in g)
         key = (G, B, L, N, bool(greedy), bool(want_logprobs), backend, tuple(eos_ids), pad_id,
-               step, bool(kl))
+               step, bool(kl), bool(penalized), int(ngram))
         s = self.sessions.get(key)
         if s is None or s.busy:  # two live iterators of one shape get separate sessions
             s = StaticSession(call, G, B, L, N, self.stats, DecodeState(
                 G, B, N, greedy=greedy, want_logprobs=want_logprobs, kl=kl, eos_ids=eos_ids,
-                pad_id=pad_id, device=call.device))
+                pad_id=pad_id, device=call.device, penalized=penalized, ngram=ngram))
             if key not in self.sessions:
                 self.sessions[key] = s
                 while len(self.sessions) > FAST_SESSIONS:

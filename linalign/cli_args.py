@@ -2,7 +2,8 @@
 builder, so every command has the same names, defaults and bounds.
 
 - ``add_sampling_arguments``: ``--ratio --kl-budget --max-ratio --temperature --top-p
-  --greedy/--sample --max-new-tokens --seed``, with the defaults of
+  --greedy/--sample --max-new-tokens --seed --repetition-penalty --presence-penalty
+  --frequency-penalty --no-repeat-ngram-size --stop``, with the defaults of
   ``linalign.options.SamplingParams`` and types derived from ``linalign.options.RULES``.
 - ``add_model_arguments``: ``--model --system --device --dtype --fast --mode --threads``.
 - ``sampling_params(args)``, ``load_aligner(args)``: what a command does with them.
@@ -65,7 +66,8 @@ def integer(lo: int = 0, name: str | None = None):
 
 # ---------------------------------------------------------------------------- builders
 SAMPLING_OPTIONS = ("ratio", "kl_budget", "max_ratio", "temperature", "top_p", "greedy",
-                    "max_new_tokens", "seed")
+                    "max_new_tokens", "seed", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty", "no_repeat_ngram_size", "stop")
 
 
 def add_sampling_arguments(parser, *, options=SAMPLING_OPTIONS, max_new_tokens=None,
@@ -110,7 +112,44 @@ def add_sampling_arguments(parser, *, options=SAMPLING_OPTIONS, max_new_tokens=N
         g.add_argument("--seed", type=integer(name="seed"), default=seed,
                        help=f"{what} (default: " +
                        ("a fresh one)" if seed is None else "%(default)s)"))
+    add_penalty_arguments(g, options)
     return g
+
+
+def add_penalty_arguments(g, options):
+    """``--repetition-penalty --presence-penalty --frequency-penalty --no-repeat-ngram-size
+    --stop`` (those named in ``options``): docs/semantics.md, "Penalties", and
+    docs/decoder.md, "Stop strings"."""
+    if "repetition_penalty" in options:
+        g.add_argument("--repetition-penalty", type=number("repetition_penalty"),
+                       default=_DEFAULTS.repetition_penalty, metavar="R",
+                       help="> 1 makes tokens already in the answer less likely, in both "
+                       "branches (Hugging Face's rule; default %(default)s: off)")
+    if "presence_penalty" in options:
+        g.add_argument("--presence-penalty", type=number("presence_penalty"),
+                       default=_DEFAULTS.presence_penalty, metavar="P",
+                       help="subtracted from the logit of every token already in the answer "
+                       "(OpenAI's rule; default %(default)s)")
+    if "frequency_penalty" in options:
+        g.add_argument("--frequency-penalty", type=number("frequency_penalty"),
+                       default=_DEFAULTS.frequency_penalty, metavar="F",
+                       help="subtracted once per earlier occurrence in the answer (OpenAI's "
+                       "rule; default %(default)s)")
+    if "no_repeat_ngram_size" in options:
+        g.add_argument("--no-repeat-ngram-size", type=integer(name="no_repeat_ngram_size"),
+                       default=_DEFAULTS.no_repeat_ngram_size, metavar="N",
+                       help="never repeat an N-gram of the answer (default %(default)s: off)")
+    if "stop" in options:
+        g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                       type=stop_string, help="end the answer before the first TEXT "
+                       "(repeatable)")
+
+
+def stop_string(text):
+    """An argparse type: a non-empty stop string."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a non-empty stop string")
+    return text
 
 
 def add_model_arguments(parser, *, modes=True):
@@ -159,6 +198,10 @@ def sampling_params(args, K: int = 1) -> SamplingParams:
                                "of one principle); use --ratio with several")
     fields = {name: getattr(args, name) for name in SAMPLING_OPTIONS
               if name not in ("ratio", "kl_budget") and hasattr(args, name)}
+    if fields.get("stop", ()) is None:  # --stop never given
+        fields["stop"] = _DEFAULTS.stop
+    elif "stop" in fields:
+        fields["stop"] = tuple(fields["stop"])
     return SamplingParams(ratio=ratio, kl_budget=kl, **fields)
 
 

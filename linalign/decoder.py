@@ -21,9 +21,9 @@ from .api import step as linalign_step
 from .caches import FAST_SESSIONS, DynamicCaches, StaticGraph
 from .decoding import Decoded, ModelCall, decode
 from .models import eos_token_ids
-from .options import SamplingParams
+from .options import SamplingParams, stop_strings
 from .prompts import ChatFormat, decode_text, id_rows
-from .streaming import feed_streamer, run_to_end, stream_text
+from .streaming import StopStrings, feed_streamer, run_to_end, stream_text
 from .triton_backend import check_device
 
 MODES = ("stacked", "two-caches")
@@ -55,7 +55,9 @@ class GenerationResult:
     token_ids: generated ids per row, the end-of-sequence token included when the row ended
     on one. texts: those ids decoded without special tokens. logprobs: per generated token,
     the log-probability of the chosen token under the step's masked aligned distribution
-    (``return_logprobs=True``; else None). finish_reasons: "eos" or "length".
+    (``return_logprobs=True``; else None). finish_reasons: "eos", "length", or "stop" (a
+    stop string ended the row: its token ids run up to and including the token that
+    completed the stop string, its text ends before it).
     prefill_seconds: the prompt forward pass(es). decode_seconds: everything after it.
     decode_tokens_per_second: generated tokens of all rows / decode_seconds. steps: decoding
     steps run. extra["status"]: per row, the OR of the step's ``Status`` bits over its tokens
@@ -76,7 +78,9 @@ class GenerationResult:
         extra = {"status": decoded.status}
         if decoded.mean_ratio is not None:
             extra["ratio"] = decoded.mean_ratio
-        return cls([decode_text(tokenizer, r) for r in decoded.token_ids], decoded.token_ids,
+        texts = decoded.texts if decoded.texts is not None else \
+            [decode_text(tokenizer, r) for r in decoded.token_ids]
+        return cls(texts, decoded.token_ids,
                    decoded.finish_reasons, decoded.logprobs, decoded.prefill_seconds,
                    decoded.decode_seconds, decoded.steps, extra)
 
@@ -106,12 +110,15 @@ class LinearAligner:
 
     The generation methods take the sampling options as a ``SamplingParams`` (``params=``),
     as keywords (its field names: ``ratio``, ``kl_budget``, ``max_ratio``, ``temperature``,
-    ``top_p``, ``greedy``, ``max_new_tokens``, ``seed``), or both (keywords win); the
-    defaults are ``SamplingParams``'s. Besides those: ``streamer`` (any object with
-    ``put``/``end``, fed as ``generate`` feeds it), ``mode`` ("stacked" or "two-caches"),
+    ``top_p``, ``greedy``, ``max_new_tokens``, ``seed``, ``repetition_penalty``,
+    ``presence_penalty``, ``frequency_penalty``, ``no_repeat_ngram_size``, ``stop``), or both
+    (keywords win); the defaults are ``SamplingParams``'s. Besides those: ``streamer`` (any
+    object with ``put``/``end``, fed as ``generate`` feeds it: token ids, so stop strings do
+    not hold anything back there), ``mode`` ("stacked" or "two-caches"),
     ``return_logprobs``, ``backend`` (the step's), ``fast`` (static cache and CUDA graph;
     "stacked" only) and ``on_finished`` (called as ``on_finished(row, ids, reason)`` as soon
-    as the loop sees a row end, at its host checks).
+    as the loop sees a row end, at its host checks; with stop strings as
+    ``on_finished(row, ids, reason, text)``, the text cut before the stop string).
     """
 
     def __init__(self, model, tokenizer, *, system: str | None = None, step=linalign_step):
@@ -201,10 +208,10 @@ class LinearAligner:
         ``generate`` text. Arguments are checked at the call; stopping early (close, break)
         ends the loop and leaves the aligner usable."""
         groups = self.format.branch_ids(prompts, principle)
-        steps = self.steps(groups, SamplingParams.build(params, **options), mode=mode,
-                           backend=backend, fast=fast)
+        params = SamplingParams.build(params, **options)
+        steps = self.steps(groups, params, mode=mode, backend=backend, fast=fast)
         return stream_text(steps, self.tokenizer, len(groups[0]), self.eos_ids,
-                           single=isinstance(prompts, str))
+                           single=isinstance(prompts, str), stop=stop_strings(params.stop))
 
     # ------------------------------------------------------------------ the loop
     def steps(self, groups, params: SamplingParams, *, mode="stacked", return_logprobs=False,
@@ -229,9 +236,10 @@ class LinearAligner:
             check_device(self.device)
         self.call.check_length(groups, rp.max_new_tokens)
         cache = self.static if fast else DynamicCaches(stacked=mode == "stacked")
+        stops = StopStrings(self.tokenizer, rp.stop) if rp.stop else None
         steps = decode(self.call, groups, rp, cache=cache, step=self.step, pad_id=self.pad_id,
                        eos_ids=self.eos_ids, want_logprobs=return_logprobs, backend=backend,
-                       stop=stop, on_finished=on_finished)
+                       stop=stop, on_finished=on_finished, stops=stops)
         return self._batch_too_large(steps, groups, rp.max_new_tokens, mode, fast)
 
     def _generate(self, groups, params, options, *, streamer, mode, return_logprobs, backend,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .constants import Status
-from .options import RowParams
+from .options import NEUTRAL_PENALTIES, RowParams
 
 
 # ---------------------------------------------------------------------------- the model
@@ -178,7 +178,8 @@ class DecodeState:
     active). Finished rows that leave the batch (``select``) are kept in ``retired``.
     """
 
-    def __init__(self, G, B, N, *, greedy, want_logprobs, kl, eos_ids, pad_id, device):
+    def __init__(self, G, B, N, *, greedy, want_logprobs, kl, eos_ids, pad_id, device,
+                 penalized=False, ngram=0):
         K = max(G - 1, 1)
         i64 = dict(dtype=torch.long, device=device)
         f32 = dict(dtype=torch.float32, device=device)
@@ -194,7 +195,11 @@ class DecodeState:
         self.status = torch.zeros(B, dtype=torch.int32, device=device)
         self.ratio_sum = torch.zeros(B, **f32)
         self.length = torch.zeros(B, dtype=torch.int32, device=device)
-        self.out_tok = torch.zeros((B, N), **i64)
+        # out_tok doubles as the answer's history (penalties, n-gram bans): -1 until written
+        self.out_tok = torch.full((B, N), -1, **i64)
+        self.penalties = {name: torch.zeros(B, **f32) for name in NEUTRAL_PENALTIES} \
+            if penalized else None
+        self.ngram = ngram
         self.out_lp = torch.zeros((B, N), **f32) if want_logprobs else None
         self.tok_in = torch.zeros(G * B, **i64)
         self.eos = torch.tensor(list(eos_ids) or [-1], **i64)  # [E] end-of-sequence ids
@@ -222,9 +227,12 @@ class DecodeState:
         put(self.top_p, rp.top_p)
         if self.seeds is not None:
             put(self.seeds, rp.seeds, torch.long)
+        if self.penalties is not None:
+            for name, t in self.penalties.items():
+                put(t, rp.penalties[name])
         for t in (self.off, self.done, self.status, self.ratio_sum, self.length):
             t.zero_()
-        self.out_tok.fill_(self.pad_id)
+        self.out_tok.fill_(-1)
         if self.out_lp is not None:
             self.out_lp.zero_()
         self.rows, self.retired = None, {}
@@ -235,6 +243,8 @@ class DecodeState:
             how = dict(kl_budget=self.kl_budget, max_ratio=self.max_ratio)
         else:
             how = dict(ratio=self.ratio[0] if self.G <= 2 else self.ratio)
+        if self.penalties is not None:
+            how.update(self.penalties, history=self.out_tok)
         return dict(how, temperature=self.temperature, top_p=self.top_p, greedy=self.greedy,
                     seed=self.seeds, offset=self.off, check=False)
 
@@ -275,6 +285,8 @@ class DecodeState:
                 setattr(self, name, value[keep])
         if self.ratio is not None:
             self.ratio = self.ratio[:, keep]
+        if self.penalties is not None:
+            self.penalties = {name: t[keep] for name, t in self.penalties.items()}
         self.tok_in = self.tok_in.view(self.G, Ba)[:, keep].reshape(-1)
         self.rows = (torch.arange(Ba, device=keep.device) if self.rows is None
                      else self.rows)[keep]
@@ -300,6 +312,8 @@ def take_step(state: DecodeState, chunks, step, *, backend="auto", stop=None):
     at an end-of-sequence token, or where ``stop(tokens)`` says so)."""
     Ba, G = state.done.numel(), state.G
     zp, z0 = split_branches(chunks, G, Ba)
+    if state.ngram:
+        zp, z0 = ban_repeated_ngrams(zp, z0, state.out_tok, state.off, state.ngram)
     out = step(zp, z0, backend=backend, **state.step_kwargs())
     done = state.done
     if G > 1 and out.ratio is not None:
@@ -317,6 +331,41 @@ def take_step(state: DecodeState, chunks, step, *, backend="auto", stop=None):
         ended = ended | stop(tok)
     done.logical_or_(ended)
     state.tok_in.copy_(tok.repeat(G))
+
+
+def repeated_ngram_bans(history, t, n):
+    """The tokens that would complete an n-gram already in the answer (Hugging Face's
+    ``no_repeat_ngram_size``, on the answer's tokens): (ids [Ba, W], banned [Ba, W] bool).
+
+    history: [Ba, N] int64, the answer so far (-1 where not written yet); t: [Ba] int64, the
+    number of tokens so far. Every window of n tokens in the history whose first n - 1 equal
+    the answer's last n - 1 bans its last token. On the device, no host synchronisation."""
+    Ba, N = history.shape
+    windows = history.unfold(1, n, 1)  # [Ba, W, n], W = N - n + 1: every n-gram slot
+    pos = t[:, None] - (n - 1) + torch.arange(n - 1, device=history.device)  # [Ba, n - 1]
+    tail = history.gather(1, pos.clamp(min=0))  # the answer's last n - 1 tokens
+    match = (windows[..., :n - 1] == tail[:, None, :]).all(-1)
+    banned = match & (windows >= 0).all(-1) & (pos >= 0).all(1, keepdim=True)
+    return windows[..., n - 1], banned
+
+
+def ban_repeated_ngrams(zp, z0, history, t, n):
+    """(zp, z0) with the tokens of ``repeated_ngram_bans`` at -inf in every branch (new
+    tensors). zp: [Ba, V] or [K, Ba, V]; z0: [Ba, V]. A window longer than the history
+    bans nothing."""
+    if n > history.shape[1]:
+        return zp, z0
+    ids, banned = repeated_ngram_bans(history, t, n)
+    ids = torch.where(banned, ids, 0)
+    # the min with +inf leaves a token as it is, so a token banned by one window and not by
+    # another is banned whatever the order of the scatter
+    src = torch.where(banned, float("-inf"), float("inf"))
+
+    def ban(z):
+        return z.scatter_reduce(-1, ids.expand(*z.shape[:-1], -1),
+                                src.to(z.dtype).expand(*z.shape[:-1], -1), "amin")
+
+    return ban(zp), ban(z0)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -338,7 +387,8 @@ class Decoded:
     """What the loop returns, per row in call order: the generated ids (up to and including
     the token that ended the row), why it ended ("eos", "stop" or "length"), the
     log-probabilities (when asked for), the OR of the step's status bits, the mean ratio
-    the step used (None for plain decoding); and the timings."""
+    the step used (None for plain decoding); the timings; and, with stop strings, the texts
+    (ids up to the token that completed a stop string, the text cut before it)."""
 
     token_ids: list[list[int]]
     finish_reasons: list[str]
@@ -348,21 +398,30 @@ class Decoded:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     steps: int = 0
+    texts: list[str] | None = None  # with stop strings: each answer cut before the first
 
     @classmethod
     def empty(cls, B) -> Decoded:
         return cls([[] for _ in range(B)], ["length"] * B, None, [0] * B, None)
 
     @classmethod
-    def of_rows(cls, rows, N, eos_ids, G, want_logprobs, seconds, steps) -> Decoded:
-        """From ``DecodeState.collect``'s rows; ``seconds``: (prefill, decode)."""
+    def of_rows(cls, rows, N, eos_ids, G, want_logprobs, seconds, steps,
+                stops=None) -> Decoded:
+        """From ``DecodeState.collect``'s rows; ``seconds``: (prefill, decode); ``stops``:
+        the call's stop strings (``linalign.streaming.StopStrings``) or None."""
         eos = set(eos_ids)
         ids = [r["out_tok"][:r["length"]] for r in rows]
-        return cls(ids, [finish_reason(i, r["length"], N, eos) for i, r in zip(ids, rows)],
-                   [r["out_lp"][:r["length"]] for r in rows] if want_logprobs else None,
+        reasons = [finish_reason(i, r["length"], N, eos) for i, r in zip(ids, rows)]
+        texts = None
+        if stops is not None:
+            cut = [stops.cut(i, why) for i, why in zip(ids, reasons)]
+            ids, reasons, texts = (list(x) for x in zip(*cut)) if cut else ([], [], [])
+        lengths = [len(i) for i in ids]
+        return cls(ids, reasons,
+                   [r["out_lp"][:n] for r, n in zip(rows, lengths)] if want_logprobs else None,
                    [r["status"] for r in rows],
                    None if G == 1 else [r["ratio_sum"] / max(r["length"], 1) for r in rows],
-                   *seconds, steps)
+                   *seconds, steps, texts)
 
 
 def _sync(dev):
@@ -377,7 +436,7 @@ def sync_every(device) -> int:
 
 
 def decode(call: ModelCall, groups, rp: RowParams, *, cache, step, pad_id, eos_ids,
-           want_logprobs=False, backend="auto", stop=None, on_finished=None):
+           want_logprobs=False, backend="auto", stop=None, on_finished=None, stops=None):
     """The decoding loop: a generator that yields each step's [B] tokens (on the device,
     padding for finished rows) and returns a ``Decoded``.
 
@@ -387,7 +446,12 @@ def decode(call: ModelCall, groups, rp: RowParams, *, cache, step, pad_id, eos_i
     with ``linalign.step``'s signature. stop: an optional ``tokens [Ba] -> bool [Ba]`` that
     ends rows besides the end-of-sequence ids. on_finished: called as
     ``on_finished(row, ids, reason)`` for each row as soon as the loop sees it end (at its
-    host checks, ``sync_every``), and for the rest at the end.
+    host checks, ``sync_every``), and for the rest at the end; with ``stops`` as
+    ``on_finished(row, ids, reason, text)``. stops: the call's stop strings
+    (``linalign.streaming.StopStrings``: ``check(state)`` at the host checks ends the rows
+    whose text holds one, ``cut(ids, reason)`` trims a finished row) or None. The penalties
+    and ``no_repeat_ngram_size`` of ``rp`` act in the step, from the answer's tokens so far
+    (``DecodeState.out_tok``, on the device).
 
     The host reads the done flags and status bits every ``sync_every`` steps
     (``host_check``): it raises ``BadLogitsError`` for rows with NaN or +inf logits, ends
@@ -395,7 +459,7 @@ def decode(call: ModelCall, groups, rp: RowParams, *, cache, step, pad_id, eos_i
     rows from the batch.
     """
     G, B, N = len(groups), len(groups[0]), rp.max_new_tokens
-    finished = Finished(on_finished, N, eos_ids)
+    finished = Finished(on_finished, N, eos_ids, stops)
     if N == 0:
         return finished.rest(Decoded.empty(B))
     dev = call.device
@@ -405,7 +469,8 @@ def decode(call: ModelCall, groups, rp: RowParams, *, cache, step, pad_id, eos_i
         t0 = time.perf_counter()
         with cache.session(call, G, B, groups, N, greedy=rp.greedy,
                            want_logprobs=want_logprobs, kl=rp.kl is not None, pad_id=pad_id,
-                           eos_ids=eos_ids, step=step, backend=backend) as session:
+                           eos_ids=eos_ids, step=step, backend=backend,
+                           penalized=rp.penalized, ngram=rp.no_repeat_ngram_size) as session:
             state = session.state
             state.load(rp)
             chunks = session.prefill(groups)
@@ -415,7 +480,7 @@ def decode(call: ModelCall, groups, rp: RowParams, *, cache, step, pad_id, eos_i
             steps = 1
             yield state.step_tokens(0)
             for t in range(1, N):
-                if t % every == 0 and host_check(state, session, finished):
+                if t % every == 0 and host_check(state, session, finished, stops):
                     break
                 session.advance(lambda: decode_step(session, state, step, backend, stop))
                 steps = t + 1
@@ -426,15 +491,18 @@ def decode(call: ModelCall, groups, rp: RowParams, *, cache, step, pad_id, eos_i
                 raise_on_bad_rows(state.status, state.rows)
             rows = state.collect()
     return finished.rest(Decoded.of_rows(rows, N, eos_ids, G, want_logprobs,
-                                         (t1 - t0, t2 - t1), steps))
+                                         (t1 - t0, t2 - t1), steps, stops))
 
 
-def host_check(state: DecodeState, session, finished: Finished) -> bool:
+def host_check(state: DecodeState, session, finished: Finished, stops=None) -> bool:
     """What the host does every ``sync_every`` steps: raise ``BadLogitsError`` for rows with
-    NaN or +inf logits, report the rows that have ended, drop them from the batch where the
-    cache strategy can. True when every row is done."""
+    NaN or +inf logits, end the rows whose text holds a stop string, report the rows that
+    have ended, drop them from the batch where the cache strategy can. True when every row
+    is done."""
     if bool((state.status & Status.BAD_INPUT).any()):
         raise_on_bad_rows(state.status, state.rows)
+    if stops is not None:
+        stops.check(state)
     done = state.done
     if not bool(done.any()):
         return False
@@ -450,12 +518,13 @@ def host_check(state: DecodeState, session, finished: Finished) -> bool:
 
 
 class Finished:
-    """Calls ``on_finished(row, ids, reason)`` once per row: for the rows a host check sees
-    ended (``ended``), and at the end for the others (``rest``). Does nothing without a
-    callback."""
+    """Calls ``on_finished(row, ids, reason)`` once per row (``(row, ids, reason, text)``
+    with stop strings): for the rows a host check sees ended (``ended``), and at the end
+    for the others (``rest``). Does nothing without a callback."""
 
-    def __init__(self, on_finished, N, eos_ids):
+    def __init__(self, on_finished, N, eos_ids, stops=None):
         self.on_finished, self.N, self.eos = on_finished, N, set(eos_ids)
+        self.stops = stops
         self.reported = set()
 
     def ended(self, state: DecodeState, rows):
@@ -466,13 +535,20 @@ class Finished:
                 self.reported.add(i)
                 row = state.host_row(i)
                 ids = row["out_tok"][:row["length"]]
-                self.on_finished(i, ids, finish_reason(ids, row["length"], self.N, self.eos))
+                reason = finish_reason(ids, row["length"], self.N, self.eos)
+                if self.stops is None:
+                    self.on_finished(i, ids, reason)
+                else:
+                    self.on_finished(i, *self.stops.cut(ids, reason))
 
     def rest(self, decoded: Decoded) -> Decoded:
         if self.on_finished is not None:
             for i, (ids, reason) in enumerate(zip(decoded.token_ids, decoded.finish_reasons)):
                 if i not in self.reported:
-                    self.on_finished(i, ids, reason)
+                    if decoded.texts is None:
+                        self.on_finished(i, ids, reason)
+                    else:
+                        self.on_finished(i, ids, reason, decoded.texts[i])
         return decoded
 
 

@@ -28,11 +28,13 @@ from transformers import GenerationConfig, LogitsProcessor
 from transformers.generation import GenerateDecoderOnlyOutput
 
 from .api import step as linalign_step
+from .arguments import penalty_args
 from .caches import DynamicCaches
 from .constants import FMAX, Status
 from .decoding import ModelCall, decode, decode_one, left_pad, prefill
-from .options import DEFAULT_RATIO, SamplingParams
+from .options import DEFAULT_RATIO, NEUTRAL_PENALTIES, SamplingParams
 from .prompts import ChatFormat, id_rows
+from .torch_backend import penalize
 
 #: Positions added to the processor's attention mask each time it runs out (it does not
 #: know ``max_new_tokens``).
@@ -44,6 +46,9 @@ _TOKEN_ARGS = ("greedy", "generator", "seed", "offset")
 _HF_MODEL_KWARGS = {"attention_mask", "position_ids", "logits_to_keep", "cache",
                     "past_key_values", "use_cache", "cache_position"}
 _DEFAULTS = SamplingParams()
+#: generate's own processors that linalign applies itself, to both branches and on the
+#: answer's tokens (docs/hf.md, "Penalties"): left out of the principle branch's processors.
+_OWN_PROCESSORS = ("RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor")
 
 
 # ----------------------------------------------------------------------------- scores
@@ -70,7 +75,20 @@ def masked_scores(logits_p, logits_0, *, ratio=None, temperature=None, top_p=Non
         ratio = DEFAULT_RATIO
     kw = {k: v for k, v in dict(step_kwargs, ratio=ratio).items() if v is not None}
     out = linalign_step(logits_p, logits_0, temperature=T, top_p=p, greedy=True, **kw)
-    return dense_scores(logits_p, logits_0, out, T), out
+    return dense_scores(*penalized_branches(logits_p, logits_0, kw), out, T), out
+
+
+def penalized_branches(logits_p, logits_0, step_kwargs):
+    """``(logits_p, logits_0)`` as the step saw them: penalised (fp32 copies) when
+    ``step_kwargs`` carry a history and penalties that are not neutral, else unchanged."""
+    B, V = logits_p.shape
+    pen = penalty_args(step_kwargs.get("history"),
+                       {name: step_kwargs.get(name, neutral)
+                        for name, neutral in NEUTRAL_PENALTIES.items()},
+                       B, V, logits_p.device, check=False)
+    if pen is None:
+        return logits_p, logits_0
+    return penalize(logits_p, pen), penalize(logits_0, pen)
 
 
 def _col(x, B, device):
@@ -198,7 +216,10 @@ class LinearAlignmentLogitsProcessor(LogitsProcessor):
     prompt token). ratio, temperature, top_p (None: ``linalign.SamplingParams``'s defaults;
     ratio's unless ``kl_budget=`` is given): a number or one per prompt (``linalign.api``).
     Other keyword arguments go to ``linalign.step`` (``kl_budget``, ``max_ratio``,
-    ``backend``, ``check``).
+    ``backend``, ``check``, and the penalties ``repetition_penalty``, ``presence_penalty``,
+    ``frequency_penalty``, applied to both branches from the tokens ``generate`` appended
+    after the prompt: pass them here, not to ``generate``, whose own repetition penalty
+    would act once more on the principle branch, prompt included; docs/hf.md).
 
     Each call takes the principle branch's ``input_ids`` [B, L] and ``scores`` [B, V] (raw
     logits, or what earlier processors made of them) and returns ``masked_scores``. The first
@@ -221,7 +242,8 @@ class LinearAlignmentLogitsProcessor(LogitsProcessor):
         self._pad_id = _pad_id(model)
         # per-row values (one per prompt) are repeated with the prompts, see _per_row
         self._params = dict(ratio=ratio, temperature=temperature, top_p=top_p,
-                            **{k: step_kwargs.pop(k) for k in ("kl_budget", "max_ratio")
+                            **{k: step_kwargs.pop(k) for k in ("kl_budget", "max_ratio",
+                                                               *NEUTRAL_PENALTIES)
                                if k in step_kwargs})
         self._step_kwargs = step_kwargs
         self.reset(ids_without, attention_mask_without)
@@ -241,7 +263,10 @@ class LinearAlignmentLogitsProcessor(LogitsProcessor):
         # input_ids: [B, L] the principle branch so far; scores: [B, V] its next-token scores
         with torch.no_grad():
             z0 = self._without_logits(input_ids, scores)
-            return masked_scores(scores, z0, **self._kw)[0]
+            kw = self._kw
+            if any(name in kw for name in NEUTRAL_PENALTIES):  # the answer so far
+                kw = dict(kw, history=input_ids[:, self._prompt.shape[1]:].to(scores.device))
+            return masked_scores(scores, z0, **kw)[0]
 
     def _without_logits(self, input_ids, scores) -> torch.Tensor:
         # -> [B, V] next-token logits of the branch without the principle
@@ -312,7 +337,7 @@ class _GenerateStep:
         for p in self.processors:
             z = p(self.seq, z)
         out = linalign_step(z, logits_0, **kw)
-        self.now = dense_scores(z, logits_0, out, kw["temperature"])
+        self.now = dense_scores(*penalized_branches(z, logits_0, kw), out, kw["temperature"])
         if self.keep_scores:
             self.scores.append(self.now)
         if self.keep_logits:
@@ -362,8 +387,10 @@ def _check_generate_call(gc, top_k, ids_without, kwargs):
 
 def _step_processors(logits_processor) -> list:
     """generate's logits processors that act on the principle branch before the step (the
-    sampling warpers are left out, with a warning unless generate added them itself)."""
-    processors = [p for p in (logits_processor or []) if not _is_warper(p)]
+    sampling warpers are left out, with a warning unless generate added them itself; the
+    repetition penalty and the n-gram ban are linalign's own, ``_OWN_PROCESSORS``)."""
+    processors = [p for p in (logits_processor or []) if not _is_warper(p) and
+                  type(p).__name__ not in _OWN_PROCESSORS]
     ignored = [type(p).__name__ for p in (logits_processor or [])
                if _is_warper(p) and not _is_default_top_k(p)]
     if ignored:
@@ -377,7 +404,8 @@ def _step_processors(logits_processor) -> list:
 def generate(model, input_ids=None, logits_processor=None, stopping_criteria=None,
              generation_config=None, *, ids_without=None, attention_mask_without=None,
              ratio=None, temperature=None, top_p=None, top_k=None, kl_budget=None,
-             max_ratio=None, seed=None, backend="auto", streamer=None, **kwargs):
+             max_ratio=None, seed=None, presence_penalty=None, frequency_penalty=None,
+             backend="auto", streamer=None, **kwargs):
     """Linear Alignment decoding as a ``custom_generate`` for ``model.generate``.
 
     ``model.generate(input_ids=<principle branch>, attention_mask=..., ids_without=...,
@@ -394,7 +422,12 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
     for ``LinearAligner`` (row i of the call samples with its own Philox seed derived from
     it, so the same seed gives ``LinearAligner.generate``'s tokens); None draws one from
     torch's global generator (``torch.manual_seed`` reproduces). backend: the step's. top_k:
-    only None or 0 (the nucleus is top_p of the principle branch).
+    only None or 0 (the nucleus is top_p of the principle branch). presence_penalty,
+    frequency_penalty: as for ``linalign.SamplingParams``. ``repetition_penalty`` and
+    ``no_repeat_ngram_size`` come from the generation config (``generate(...,
+    repetition_penalty=1.3)`` sets them there): linalign applies them once, to both
+    branches, on the answer's tokens, and generate's own processors for them are left out
+    (docs/hf.md, "Penalties").
 
     From the generation config: ``max_new_tokens`` / ``max_length``, ``do_sample`` (False:
     greedy), eos and pad ids (a row ends at eos and emits pad afterwards; finished rows keep
@@ -419,7 +452,9 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
             custom_generate=functools.partial(generate, streamer=streamer),
             ids_without=ids_without, attention_mask_without=attention_mask_without,
             ratio=ratio, temperature=temperature, top_p=top_p, top_k=top_k,
-            kl_budget=kl_budget, max_ratio=max_ratio, seed=seed, backend=backend, **kwargs)
+            kl_budget=kl_budget, max_ratio=max_ratio, seed=seed,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+            backend=backend, **kwargs)
     gc = generation_config
     _check_generate_call(gc, top_k, ids_without, kwargs)
     processors = _step_processors(logits_processor)
@@ -432,7 +467,10 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
     W, dev = B // k, call.device
     N = max(gc.max_length - L, 0)  # generate has set max_length from max_new_tokens
     options = dict(ratio=ratio, kl_budget=kl_budget, max_ratio=max_ratio,
-                   temperature=temperature, top_p=top_p, seed=seed)
+                   temperature=temperature, top_p=top_p, seed=seed,
+                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                   repetition_penalty=gc.repetition_penalty,
+                   no_repeat_ngram_size=gc.no_repeat_ngram_size or None)
     params = SamplingParams.build(greedy=not gc.do_sample, max_new_tokens=N, **{
         name: _values(x, W, k) for name, x in options.items() if x is not None})
     rp = params.rows(B)

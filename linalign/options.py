@@ -87,9 +87,16 @@ RULES = {
     "top_p": Bound("in (0, 1]", lo=0.0, lo_open=True, hi=1.0),
     "kl_budget": Bound("finite and >= 0 (nats)", lo=0.0),
     "max_ratio": Bound("finite and >= 0", lo=0.0),
+    "repetition_penalty": Bound("finite and > 0", lo=0.0, lo_open=True),
+    "presence_penalty": Bound("a finite number"),
+    "frequency_penalty": Bound("a finite number"),
 }
 #: Integer options: the smallest value and one past the largest (None: unbounded).
-INT_RULES = {"max_new_tokens": (0, None), "seed": (0, SEED_LIMIT)}
+INT_RULES = {"max_new_tokens": (0, None), "seed": (0, SEED_LIMIT),
+             "no_repeat_ngram_size": (0, None)}
+#: The penalties (docs/semantics.md, "Penalties") and the value at which each does nothing.
+NEUTRAL_PENALTIES = {"repetition_penalty": 1.0, "presence_penalty": 0.0,
+                     "frequency_penalty": 0.0}
 
 
 def rule_of(name: str) -> Bound:
@@ -145,6 +152,12 @@ class SamplingParams:
     (True) or a draw from them. max_new_tokens: an int >= 0. seed: for sampling, an int
     (row i gets its own Philox seed derived from it, docs/decoder.md "Randomness") or one
     int per prompt; None draws one from torch's global generator.
+    repetition_penalty, presence_penalty, frequency_penalty: one number or one per prompt,
+    applied to every branch from the answer's tokens so far (docs/semantics.md,
+    "Penalties"); the defaults (1, 0, 0) do nothing. no_repeat_ngram_size: an int >= 0; n > 0
+    bans, in every branch, a token that would complete an n-gram already in the answer.
+    stop: strings (or one string); the answer ends before the first occurrence of any, with
+    finish reason "stop" (docs/decoder.md, "Stop strings").
     """
 
     ratio: object = None
@@ -155,6 +168,11 @@ class SamplingParams:
     greedy: bool = True
     max_new_tokens: int = 256
     seed: object = None
+    repetition_penalty: object = 1.0
+    presence_penalty: object = 0.0
+    frequency_penalty: object = 0.0
+    no_repeat_ngram_size: int = 0
+    stop: object = ()
 
     @classmethod
     def build(cls, params: SamplingParams | None = None, **options) -> SamplingParams:
@@ -191,14 +209,19 @@ class SamplingParams:
             top_p=_checked("top_p", per_row("top_p", self.top_p, B)),
             greedy=self.greedy,
             max_new_tokens=check_int("max_new_tokens", self.max_new_tokens),
-            seeds=None if self.greedy else row_seeds(self.seed, B))
+            seeds=None if self.greedy else row_seeds(self.seed, B),
+            penalties={name: _checked(name, per_row(name, getattr(self, name), B))
+                       for name in NEUTRAL_PENALTIES},
+            no_repeat_ngram_size=check_int("no_repeat_ngram_size", self.no_repeat_ngram_size),
+            stop=stop_strings(self.stop))
 
 
 @dataclass(frozen=True)
 class RowParams:
     """``SamplingParams`` validated for a batch: per-row Python values. ``ratios``: K lists
     of B ratios (None in kl mode); ``kl``: (budgets, caps), B each, or None; ``seeds``: one
-    Philox seed per row when sampling, else None."""
+    Philox seed per row when sampling, else None; ``penalties``: B values of each penalty
+    (the names of ``NEUTRAL_PENALTIES``); ``stop``: the stop strings, a tuple."""
 
     ratios: list[list[float]] | None
     kl: tuple[list[float], list[float]] | None
@@ -207,6 +230,15 @@ class RowParams:
     greedy: bool
     max_new_tokens: int
     seeds: list[int] | None
+    penalties: dict = dataclasses.field(default_factory=dict)
+    no_repeat_ngram_size: int = 0
+    stop: tuple = ()
+
+    @property
+    def penalized(self) -> bool:
+        """Some row has a penalty that is not neutral (else the step takes no history)."""
+        return any(v != NEUTRAL_PENALTIES[name] for name, values in self.penalties.items()
+                   for v in values)
 
 
 def per_row(name: str, value, B: int, cast=float) -> list:
@@ -262,6 +294,19 @@ def _ratios(ratio, B: int, K: int) -> list[list[float]]:
     for k in range(K):
         _checked("ratio", per[k])
     return per
+
+
+def stop_strings(stop) -> tuple:
+    """``stop`` (None, one string, or a list of strings) as a tuple of non-empty strings."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise TypeError(f"stop must be a string or a list of strings; got {stop!r}")
+    if any(not s for s in stop):
+        raise ValueError("stop has an empty string; expected non-empty stop strings")
+    return tuple(stop)
 
 
 def row_seeds(seed, B: int) -> list[int]:

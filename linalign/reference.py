@@ -91,6 +91,49 @@ def pick(a, T, greedy, u):
     return token, float(logp[token])
 
 
+# ---------------------------------------------------------------------------- penalties
+def penalized_row(z, history, repetition, presence, frequency):
+    """One row's logits after the penalties (docs/semantics.md, "Penalties"), in fp32.
+
+    ``z`` [V] fp32; ``history`` [H] the answer's ids so far (< 0 or >= V: padding). Each
+    token with count ``c > 0`` in the history: Hugging Face's repetition penalty (divided
+    by it when positive, multiplied when negative), then the OpenAI rule
+    ``- (frequency * c + presence)``. A finite logit stays finite (clamped to the fp32
+    range); -inf, +inf and NaN are left as they are.
+    """
+    f32 = dict(dtype=torch.float32)
+    rep, pres, freq = (torch.tensor(x, **f32) for x in (repetition, presence, frequency))
+    counts = {}
+    for t in history.tolist():
+        if 0 <= t < z.numel():
+            counts[t] = counts.get(t, 0) + 1
+    out = z.clone()
+    for t, c in counts.items():
+        x = z[t]
+        if not bool(torch.isfinite(x)):
+            continue
+        x = x * rep if x < 0 else x / rep
+        amount = (freq * torch.tensor(c, **f32) + pres).clamp(-FMAX, FMAX)
+        out[t] = (x - amount).clamp(-FMAX, FMAX)
+    return out
+
+
+def penalized(zs, z0, penalties):
+    """Every branch of a batch after the penalties: ``zs`` [K, B, V] and ``z0`` [B, V] fp32,
+    ``penalties`` a ``linalign.arguments.Penalties`` (or None: unchanged)."""
+    if penalties is None:
+        return zs, z0
+    zs, z0 = zs.clone(), z0.clone()
+    for b in range(z0.shape[0]):
+        values = [_at(x, b) for x in (penalties.repetition, penalties.presence,
+                                      penalties.frequency)]
+        h = penalties.history[b]
+        z0[b] = penalized_row(z0[b], h, *values)
+        for k in range(zs.shape[0]):
+            zs[k, b] = penalized_row(zs[k, b], h, *values)
+    return zs, z0
+
+
 # ------------------------------------------------------------------------------ kl mode
 def kl_ratio(zp, z0, T, kl_budget, max_ratio=MAX_RATIO) -> float:
     """kl mode for one row (docs/semantics.md, "kl mode"): the effective ratio
@@ -177,8 +220,8 @@ def run(args: StepArgs, dtype=torch.float32) -> StepOutput:
     args.host_seed()
     K, B = args.K, args.B
     dev = args.device
-    zs_all = args.logits.float().to(dtype)
-    z0_all = args.logits_0.float().to(dtype)
+    zs_all, z0_all = penalized(args.logits.float(), args.logits_0.float(), args.penalties)
+    zs_all, z0_all = zs_all.to(dtype), z0_all.to(dtype)
     u = None if args.greedy else row_uniforms(B, dev, generator=args.generator,
                                               seed=args.seed, offset=args.offset)
     rows, ratios = [], []
@@ -202,13 +245,16 @@ def run(args: StepArgs, dtype=torch.float32) -> StepOutput:
 
 def step(logits_p, logits_0, *, ratio=None, kl_budget=None, max_ratio=MAX_RATIO,
          temperature=1.0, top_p=1.0, greedy=False, generator=None, seed=None, offset=0,
+         history=None, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
          check=True, dtype=torch.float32) -> StepOutput:
     """``linalign.step``'s contract computed by the reference (``dtype=torch.float64`` for
     exact masses). The same arguments and errors as ``linalign.step`` (without
     ``backend``)."""
     args = normalize(logits_p, logits_0, ratio=ratio, kl_budget=kl_budget,
                      max_ratio=max_ratio, temperature=temperature, top_p=top_p, greedy=greedy,
-                     generator=generator, seed=seed, offset=offset, check=check)
+                     generator=generator, seed=seed, offset=offset, check=check,
+                     history=history, repetition_penalty=repetition_penalty,
+                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     out = run(args, dtype)
     if not isinstance(logits_p, (list, tuple)) and logits_p.dim() == 2:
         out = out._replace(ratio=out.ratio[0])

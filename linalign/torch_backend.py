@@ -23,9 +23,11 @@ How it avoids sorting the vocabulary:
 Randomness: one uniform per row (``linalign.random``), so a seeded call draws the same
 tokens as the Triton kernel.
 """
+import dataclasses
+
 import torch
 
-from .arguments import StepArgs, StepOutput, used_ratio
+from .arguments import Penalties, StepArgs, StepOutput, used_ratio
 from .constants import FMAX, GAP, Status
 from .random import row_uniforms
 
@@ -276,6 +278,57 @@ def kl_ratio(logits_p, logits_0, temperature, kl_budget, max_ratio):
 
 
 
+# ---------------------------------------------------------------------------- penalties
+def penalize(z: torch.Tensor, penalties: Penalties) -> torch.Tensor:
+    """Logits after the penalties (docs/semantics.md, "Penalties"): ``z`` [B, V] or
+    [K, B, V] (every branch of the same B rows, which share the history) -> a new fp32
+    tensor of the same shape, no host synchronisation.
+
+    The reference's arithmetic (``linalign.reference.penalized_row``) on the touched entries
+    only: each history entry's count (one ``scatter_add`` into a [B, V] buffer, read back
+    with ``gather``), its logit, its penalised value, scattered into a copy of ``z``.
+    Padding entries are pointed at the row's largest valid id (so they write the value its
+    own entries write: the scatter has no race), or at id 0 with count 0 (unchanged) when
+    the row has none."""
+    out = z.float().clone()
+    B, V = z.shape[-2:]
+    dev = z.device
+    h = penalties.history
+    valid = (h >= 0) & (h < V)
+    ids = torch.where(valid, h, -1)
+    top = ids.amax(1, keepdim=True).clamp(min=0)  # [B, 1]: the row's largest valid id
+    idx = torch.where(valid, h, top)  # [B, H]
+    counts = torch.zeros((B, V), dtype=torch.float32, device=dev).scatter_add_(
+        1, torch.where(valid, h, 0), valid.to(torch.float32)).gather(1, idx)
+    rep, pres, freq = (_fp32_col(x, B, dev) for x in (penalties.repetition,
+                                                      penalties.presence,
+                                                      penalties.frequency))
+    idx = idx.expand(*out.shape[:-1], -1)
+    x = out.gather(-1, idx)  # [..., B, H]
+    y = torch.where(x < 0, x * rep, x / rep)
+    amount = (freq * counts + pres).clamp(-FMAX, FMAX)
+    y = (y - amount).clamp(-FMAX, FMAX)
+    return out.scatter_(-1, idx, torch.where((counts > 0) & torch.isfinite(x), y, x))
+
+
+def with_penalties(args: StepArgs) -> StepArgs:
+    """``args`` with every branch penalised (fp32 copies), or ``args`` itself when it has no
+    penalties."""
+    if args.penalties is None:
+        return args
+    return dataclasses.replace(args, logits=penalize(args.logits, args.penalties),
+                               logits_0=penalize(args.logits_0, args.penalties),
+                               penalties=None)
+
+
+def _fp32_col(x, B, device):
+    """A number or a [B] tensor as an fp32 [B, 1] column (a number rounded to fp32 first,
+    as the reference computes with it)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float32).reshape(B, 1)
+    return torch.full((B, 1), float(x), dtype=torch.float32, device=device)
+
+
 # -------------------------------------------------------------------- several principles
 def _col(x, B, device):
     """A Python number stays a number; a [B] tensor becomes an fp32 [B, 1] column."""
@@ -341,7 +394,7 @@ def flag_bad_rows(status: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------- entry point
 def run(args: StepArgs) -> StepOutput:
     """The step on checked arguments (every mode); ``ratio`` of the output is [K, B]."""
-    args.host_seed()
+    args = with_penalties(args.host_seed())
     kw = dict(greedy=args.greedy, generator=args.generator, seed=args.seed,
               offset=args.offset)
     if args.K == 1:

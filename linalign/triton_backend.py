@@ -6,6 +6,9 @@ entry point ``run(args)``, for every mode.
 - Several principles: ``kernels.la_compose`` (one elementwise launch over the K + 1
   branches; the torch ``compose`` under ``torch.compile``, which fuses it itself), then the
   one-principle kernel with ratio 1 (see ``linalign.torch_backend.compose``).
+- Penalties (``args.penalties``): ``kernels.la_penalize`` first writes penalised fp32 copies
+  of every branch, which the step then reads (the torch ``penalize`` under
+  ``torch.compile``). Without penalties nothing of this runs.
 - Under ``torch.compile`` the kernel launch is one opaque custom op
   (``torch.ops.linalign.triton_step``, ``linalign.ops``), so a decoding step compiles with
   ``fullgraph=True``.
@@ -13,6 +16,7 @@ entry point ``run(args)``, for every mode.
 Nothing here synchronises with the host: parameters, seeds and offsets may be device
 tensors, and uniforms from a ``torch.Generator`` are drawn on the device.
 """
+import dataclasses
 import functools
 
 import torch
@@ -20,7 +24,7 @@ import torch
 from . import ops
 from .arguments import StepArgs, StepOutput, used_ratio
 from .random import row_uniforms
-from .torch_backend import compose, flag_bad_rows
+from .torch_backend import compose, flag_bad_rows, with_penalties
 
 
 @functools.cache
@@ -54,9 +58,33 @@ def one_principle(zp, z0, ratio, temperature, top_p, *, greedy, generator, seed,
                                   seed=seed, offset=offset, kl=kl)
 
 
+def penalized(args: StepArgs) -> StepArgs:
+    """``args`` with every branch penalised (fp32 copies from ``kernels.la_penalize``), or
+    ``args`` itself when it has no penalties."""
+    pen = args.penalties
+    if pen is None:
+        return args
+    if torch.compiler.is_compiling():
+        return with_penalties(args)
+    how = (pen.history, pen.repetition, pen.presence, pen.frequency)
+    K = args.K
+    both = _branch_workspace(K + 1, args.B, args)
+    load_kernels().la_penalize(args.logits, *how, out=both[:K])
+    load_kernels().la_penalize(args.logits_0[None], *how, out=both[K:])
+    return dataclasses.replace(args, logits=both[:K], logits_0=both[K], penalties=None)
+
+
+def _branch_workspace(G, B, args):
+    # [G, B, V] fp32: the K principle branches then the base, written by la_penalize (from
+    # torch's caching allocator: the same memory again at the next step of a decoding loop,
+    # and a graph's own pool under CUDA graph capture)
+    return torch.empty((G, B, args.logits.shape[-1]), device=args.device, dtype=torch.float32)
+
+
 def run(args: StepArgs) -> StepOutput:
     """The step on checked arguments (every mode); ``ratio`` of the output is [K, B]."""
     check_device(args.device)
+    args = penalized(args)
     kw = dict(greedy=args.greedy, generator=args.generator, seed=args.seed,
               offset=args.offset)
     if args.K == 1:

@@ -94,7 +94,9 @@ def test_results_equal_generate(tmp_path, aligner, capsys):
         assert o["settings"] == {
             "ratio": [float(ratio)], "kl_budget": None, "max_ratio": None,
             "temperature": 0.5, "top_p": 0.8, "greedy": True, "max_new_tokens": n,
-            "seed": None, "mode": "stacked", "system": None}
+            "seed": None, "mode": "stacked", "system": None, "repetition_penalty": 1.0,
+            "presence_penalty": 0.0, "frequency_penalty": 0.0, "no_repeat_ngram_size": 0,
+            "stop": []}
     err = capsys.readouterr().err
     assert "6 rows decoded (0 already done); 6 rows in" in err
     # nothing left to do: a rerun decodes nothing and leaves the file as it was

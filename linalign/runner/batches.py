@@ -29,7 +29,8 @@ def result_line(job: Job, ids: list[int], text: str, reason: str, s: Settings,
         "max_ratio": p.max_ratio if job.kind == "kl" else None,
         "temperature": p.temperature, "top_p": p.top_p, "greedy": p.greedy,
         "max_new_tokens": job.max_new_tokens, "seed": job.seed, "mode": o.mode,
-        "system": o.system}
+        "system": o.system, **job.penalties,
+        "no_repeat_ngram_size": job.no_repeat_ngram_size, "stop": list(p.stop)}
     out["model"] = o.model or "default"
     out["rank"] = rank
     return out

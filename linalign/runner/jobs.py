@@ -2,7 +2,8 @@
 
 ``Settings`` are the command's: a ``SamplingParams`` (the defaults of lines that do not say,
 with ``linalign.options``' defaults and bounds) and ``RunOptions`` (the rest). ``resolve``
-gives a row its ratio or kl budget, ``max_new_tokens`` and seed (a ``Job``); ``plan`` groups
+gives a row its ratio or kl budget, ``max_new_tokens``, seed, penalties and
+``no_repeat_ngram_size`` (a ``Job``); ``plan`` groups
 jobs by what one ``generate`` call must share and cuts the groups into batches.
 Rules: docs/run.md, "Input" and "Batches".
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..options import DEFAULT_RATIO, SamplingParams
+from ..options import DEFAULT_RATIO, NEUTRAL_PENALTIES, SamplingParams
 from .lines import Row
 from .sharding import row_seed
 
@@ -43,11 +44,15 @@ class Job:
     kl_budget: float | None
     max_new_tokens: int
     seed: int | None            # None when greedy
+    penalties: dict = field(default_factory=dict)  # every penalty's value for this row
+    no_repeat_ngram_size: int = 0
 
     @property
     def group(self):
-        """What one generate() call must share (ratios, kl budgets and seeds are per row)."""
-        return (len(self.row.principles), self.kind, self.max_new_tokens)
+        """What one generate() call must share (ratios, kl budgets, seeds and penalties are
+        per row)."""
+        return (len(self.row.principles), self.kind, self.max_new_tokens,
+                self.no_repeat_ngram_size)
 
 
 def default_ratios(ratio, K: int) -> list[float]:
@@ -85,7 +90,8 @@ def defaults_problem(row: Row, params: SamplingParams) -> str | None:
 def resolve(row: Row, s: Settings, base_seed: int | None) -> Job:
     """A row's job: its own ``kl_budget``, else its own ``ratio``, else the command's
     ``kl_budget``, else the command's ratio; its own ``max_new_tokens`` or the command's;
-    when sampling, its own seed or ``row_seed(base_seed, id)``."""
+    when sampling, its own seed or ``row_seed(base_seed, id)``; each penalty and
+    ``no_repeat_ngram_size`` its own or the command's."""
     p = s.params
     K = len(row.principles)
     kl = row.kl_budget if row.kl_budget is not None else \
@@ -96,8 +102,13 @@ def resolve(row: Row, s: Settings, base_seed: int | None) -> Job:
     seed = None
     if not p.greedy:
         seed = row.seed if row.seed is not None else row_seed(base_seed, row.key)
+    penalties = {name: float(getattr(p, name)) for name in NEUTRAL_PENALTIES}
+    penalties.update(row.penalties or {})
+    ngram = p.no_repeat_ngram_size if row.no_repeat_ngram_size is None else \
+        row.no_repeat_ngram_size
     return Job(row, "kl" if kl is not None else "ratio", ratio, kl,
-               p.max_new_tokens if row.max_new_tokens is None else row.max_new_tokens, seed)
+               p.max_new_tokens if row.max_new_tokens is None else row.max_new_tokens, seed,
+               penalties, ngram)
 
 
 def plan(jobs: list[Job], batch_size: int) -> list[list[Job]]:
@@ -116,10 +127,13 @@ def plan(jobs: list[Job], batch_size: int) -> list[list[Job]]:
 
 def batch_params(batch: list[Job], params: SamplingParams) -> SamplingParams:
     """The ``SamplingParams`` of one ``generate`` call over ``batch`` (one group): the
-    command's temperature, top_p, greedy and max_ratio, the rows' ratios or kl budgets,
-    max_new_tokens and seeds."""
+    command's temperature, top_p, greedy, max_ratio and stop strings, the rows' ratios or kl
+    budgets, max_new_tokens, seeds, penalties and no_repeat_ngram_size."""
     K = len(batch[0].row.principles)
     seeds = None if params.greedy else [j.seed for j in batch]
+    params = SamplingParams.build(
+        params, no_repeat_ngram_size=batch[0].no_repeat_ngram_size,
+        **{name: [j.penalties[name] for j in batch] for name in NEUTRAL_PENALTIES})
     if batch[0].kind == "kl":
         return SamplingParams.build(params, ratio=None, kl_budget=[j.kl_budget for j in batch],
                                     max_new_tokens=batch[0].max_new_tokens, seed=seeds)

@@ -1,8 +1,9 @@
 """The input of ``linalign run``: one JSON object per line, checked into a ``Row``.
 
 Numbers are checked with the rules of ``linalign.options`` (``check_number``,
-``check_int``), so a line's ``ratio``, ``kl_budget``, ``seed`` and ``max_new_tokens`` have
-exactly the bounds of ``LinearAligner.generate`` and of the command-line options.
+``check_int``), so a line's ``ratio``, ``kl_budget``, ``seed``, ``max_new_tokens``, penalties
+and ``no_repeat_ngram_size`` have exactly the bounds of ``LinearAligner.generate`` and of the
+command-line options.
 Format: docs/run.md, "Input".
 """
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..options import RULES, check_int, check_number
+from ..options import NEUTRAL_PENALTIES, RULES, check_int, check_number
 
 #: Fields an input line may have. Anything else is reported (a typo like "principles" or
 #: "max_tokens" would otherwise be silently ignored).
-FIELDS = ("id", "prompt", "principle", "ratio", "kl_budget", "seed", "max_new_tokens")
+FIELDS = ("id", "prompt", "principle", "ratio", "kl_budget", "seed", "max_new_tokens",
+          *NEUTRAL_PENALTIES, "no_repeat_ngram_size")
 
 
 @dataclass
@@ -29,6 +31,8 @@ class Row:
     kl_budget: float | None = None
     seed: int | None = None
     max_new_tokens: int | None = None
+    penalties: dict | None = None      # the penalties the line gives (name -> value)
+    no_repeat_ngram_size: int | None = None
 
     @property
     def length(self) -> int:
@@ -130,6 +134,11 @@ def parse_line(obj, line: int) -> Row:
         row.seed = field_int(obj, "seed")
     if "max_new_tokens" in obj:
         row.max_new_tokens = field_int(obj, "max_new_tokens")
+    given = [name for name in NEUTRAL_PENALTIES if name in obj]
+    if given:
+        row.penalties = {name: field_number(obj, name) for name in given}
+    if "no_repeat_ngram_size" in obj:
+        row.no_repeat_ngram_size = field_int(obj, "no_repeat_ngram_size")
     return row
 
 
