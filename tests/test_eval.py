@@ -186,6 +186,28 @@ def test_paired_tests_by_hand():
     assert all("vs_prompt_p" not in r for r in every if r["setting"] == "prompt")
 
 
+def test_settings_with_modifiers_and_their_baseline():
+    st = ev.parse_setting("la-r1+rep1.3+ngram3")
+    assert (st.kind, st.value, st.modifiers) == ("la", 1.0, "+rep1.3+ngram3")
+    assert st.options == (("repetition_penalty", 1.3), ("no_repeat_ngram_size", 3))
+    assert ev.parse_setting("prompt+pres0.5+freq0.5").options == (
+        ("presence_penalty", 0.5), ("frequency_penalty", 0.5))
+    for bad, message in (("la-r1+rep0", "repetition_penalty must be"),
+                         ("la-r1+ngram2.5", "n-gram size is an int"),
+                         ("la-r1+temp2", "unknown modifier 'temp2'"), ("la-r1+", "unknown")):
+        with pytest.raises(ValueError, match=message):
+            ev.parse_setting(bad)
+    plan = ev.harness.make_plan(principles=["brief"], prompts=["Q"], settings=[st.name],
+                                decodings=["greedy"], max_new_tokens=4, temperature=0.5,
+                                top_p=0.8, seed=0, max_ratio=10.0, batch_size=2,
+                                ppl_batch_size=None, fast=False)
+    params = plan.params_for(st, True, [0])
+    assert (params.ratio, params.repetition_penalty, params.no_repeat_ngram_size) == (1.0, 1.3, 3)
+    names = {"prompt", "prompt+rep1.3", "la-r1+rep1.3", "la-r1+ngram3"}
+    assert ev.harness.baseline_of("la-r1+rep1.3", names) == "prompt+rep1.3"
+    assert ev.harness.baseline_of("la-r1+ngram3", names) == "prompt"  # no prompt+ngram3
+
+
 def test_paired_tests_of_the_committed_answers():
     """The numbers docs/eval.md quotes, from the committed answers of all 48 prompts."""
     path = pathlib.Path(__file__).parents[1] / "benchmarks" / "results" / \

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Callable, Sequence
 
-from ..options import RULES, SamplingParams, check_number, row_seeds
+from ..options import RULES, SamplingParams, check_int, check_number, row_seeds
 from .metrics import (CLEAN_REP3, distinct_n, mcnemar_exact, mean, median, repeated_ngram_rate,
                       response_nll, wilson_interval)
 from .scorers import PRINCIPLES
@@ -50,30 +50,63 @@ DEFAULT_SEED = 0
 
 
 # ============================================================================ settings
+#: The modifiers a setting may carry after "+": the decoder's repetition controls
+#: (docs/decoder.md), e.g. ``la-r1+rep1.3`` or ``prompt+pres0.5+freq0.5`` or ``none+ngram3``.
+MODIFIERS = {"rep": "repetition_penalty", "pres": "presence_penalty",
+             "freq": "frequency_penalty", "ngram": "no_repeat_ngram_size"}
+NUMBER = r"[0-9]*\.?[0-9]+(?:e-?[0-9]+)?"
+
+
 @dataclass(frozen=True)
 class Setting:
     """One way of answering: ``kind`` "none", "prompt", "la" (``value`` = ratio) or "kl"
-    (``value`` = per-token budget in nats)."""
+    (``value`` = per-token budget in nats), and ``options``: the decoder options its
+    modifiers set, as ((name, value), ...)."""
     name: str
     kind: str
     value: float | None = None
+    options: tuple = ()
+
+    @property
+    def modifiers(self) -> str:
+        """The "+..." part of the name ("" without modifiers)."""
+        return self.name[len(self.name.split("+")[0]):]
 
 
 def parse_setting(name: str) -> Setting:
-    """``none``, ``prompt``, ``la-r{R}`` (e.g. la-r3) or ``kl-{eps}`` (e.g. kl-0.5). R and
-    eps must be values the decoder takes (finite in fp32), and eps above 0."""
+    """``none``, ``prompt``, ``la-r{R}`` (e.g. la-r3) or ``kl-{eps}`` (e.g. kl-0.5), then
+    any of the ``MODIFIERS`` (``+rep1.3``, ``+pres0.5``, ``+freq0.5``, ``+ngram3``). R and
+    eps must be values the decoder takes (finite in fp32), and eps above 0; a modifier's
+    value is checked by the decoder's rules."""
     name = name.strip()
-    if name in ("none", "prompt"):
-        return Setting(name, name)
-    m = re.fullmatch(r"(la-r|kl-)([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)", name)
+    head, *mods = name.split("+")
+    options = []
+    for mod in mods:
+        m = re.fullmatch(rf"({'|'.join(MODIFIERS)})({NUMBER})", mod)
+        if not m:
+            raise ValueError(f"unknown modifier {mod!r} in setting {name!r}: expected "
+                             "+rep<repetition penalty>, +pres<presence penalty>, "
+                             "+freq<frequency penalty> or +ngram<n> (e.g. la-r1+rep1.3)")
+        option = MODIFIERS[m.group(1)]
+        if option == "no_repeat_ngram_size":
+            if not m.group(2).isdigit():
+                raise ValueError(f"{mod!r} in setting {name!r}: the n-gram size is an int")
+            value = check_int(option, int(m.group(2)))
+        else:
+            value = check_number(option, float(m.group(2)))
+        options.append((option, value))
+    if head in ("none", "prompt"):
+        return Setting(name, head, None, tuple(options))
+    m = re.fullmatch(rf"(la-r|kl-)({NUMBER})", head)
     if m:
         kind = "la" if m.group(1) == "la-r" else "kl"
         value = float(m.group(2))
         if RULES["ratio" if kind == "la" else "kl_budget"].number_ok(value) and (
                 kind == "la" or value > 0):
-            return Setting(name, kind, value)
+            return Setting(name, kind, value, tuple(options))
     raise ValueError(f"unknown setting {name!r}: expected none, prompt, la-r<ratio> (e.g. "
-                     "la-r3) or kl-<budget in nats, > 0> (e.g. kl-0.5)")
+                     "la-r3) or kl-<budget in nats, > 0> (e.g. kl-0.5), with optional "
+                     "+rep/+pres/+freq/+ngram modifiers")
 
 
 def check_grid(principles: Sequence[str] | None, settings: Sequence[str] | str,
@@ -152,7 +185,8 @@ class Plan:
         """The options of one generate call: the setting's ratio or kl budget, and for
         sampling the seeds of its prompts."""
         seed = None if greedy else [self.seeds[j] for j in prompt_indices]
-        params = dataclasses.replace(self.params, greedy=greedy, seed=seed)
+        params = dataclasses.replace(self.params, greedy=greedy, seed=seed,
+                                     **dict(setting.options))
         if setting.kind == "la":
             return dataclasses.replace(params, ratio=setting.value)
         if setting.kind == "kl":
@@ -292,7 +326,8 @@ def summarise(samples, principles: Sequence[str] | None = None) -> list[dict]:
     ppl_pooled, mean_tokens, eos_rate and mean_ratio (the decoder's mean ratio per answer,
     averaged; the effective ratio in kl mode; empty for none and prompt). The rows over all
     principles also carry ``paired_tests`` against the principle in the prompt, with the
-    prefix ``vs_prompt_`` (pairs, wins, losses, p, clean_wins, clean_losses, clean_p)."""
+    prefix ``vs_prompt_`` (baseline, pairs, wins, losses, p, clean_wins, clean_losses,
+    clean_p)."""
     groups: dict[tuple, list] = {}
     runs: dict[tuple, int] = {}  # (setting, decoding) -> first-seen order
     for s in samples:
@@ -315,22 +350,34 @@ def is_clean(sample: dict) -> bool:
     return bool(sample["passed"]) and (sample["rep3"] or 0.0) <= CLEAN_REP3
 
 
+def baseline_of(setting: str, names, baseline: str = "prompt") -> str:
+    """The setting ``setting`` is compared with: ``baseline`` with the same modifiers when
+    the run has it (la-r1+rep1.3 against prompt+rep1.3: the method, penalties equal), else
+    ``baseline`` itself."""
+    same = baseline + parse_setting(setting).modifiers
+    return same if same in names else baseline
+
+
 def paired_tests(samples, baseline: str = "prompt") -> dict[tuple[str, str], dict]:
-    """Each setting against ``baseline`` (the principle in the prompt), paired on the same
-    prompt and principle, per decoding: ``{(setting, decoding): {...}}`` with ``wins`` (the
+    """Each setting against the principle in the prompt (``baseline_of``: with the same
+    modifiers when the run has them), paired on the same prompt and principle, per
+    decoding: ``{(setting, decoding): {...}}`` with ``baseline``, ``pairs``, ``wins`` (the
     setting passes where the baseline fails), ``losses`` (the reverse), ``p`` (exact
     McNemar, two-sided), and ``clean_wins``, ``clean_losses``, ``clean_p`` for clean
-    adherence (``is_clean``). Pairs missing on either side are left out; the baseline has no
+    adherence (``is_clean``). Pairs missing on either side are left out; a baseline has no
     entry."""
     by_key = {(s["setting"], s["decoding"], s["prompt_index"], s["principle"]): s
               for s in samples if s.get("prompt_index") is not None}
+    names = {k[0] for k in by_key}
     out = {}
     for (setting, decoding, i, name), s in by_key.items():
-        base = by_key.get((baseline, decoding, i, name))
-        if setting == baseline or base is None:
+        ref = baseline_of(setting, names, baseline)
+        base = by_key.get((ref, decoding, i, name))
+        if setting == ref or base is None:
             continue
-        t = out.setdefault((setting, decoding), dict.fromkeys(
-            ("pairs", "wins", "losses", "clean_wins", "clean_losses"), 0))
+        t = out.setdefault((setting, decoding), dict(
+            dict.fromkeys(("pairs", "wins", "losses", "clean_wins", "clean_losses"), 0),
+            baseline=ref))
         t["pairs"] += 1
         for prefix, ok in (("", lambda x: bool(x["passed"])), ("clean_", is_clean)):
             a, b = ok(s), ok(base)

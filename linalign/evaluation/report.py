@@ -16,7 +16,8 @@ from .scorers import PRINCIPLES
 
 CSV_FIELDS = ["setting", "decoding", "principle", "n", "adherence", "adherence_lo",
               "adherence_hi", "clean", "rep3", "distinct2", "ppl_mean", "ppl_median",
-              "ppl_pooled", "mean_tokens", "eos_rate", "mean_ratio", "vs_prompt_pairs",
+              "ppl_pooled", "mean_tokens", "eos_rate", "mean_ratio", "vs_prompt_baseline",
+              "vs_prompt_pairs",
               "vs_prompt_wins", "vs_prompt_losses", "vs_prompt_p", "vs_prompt_clean_wins",
               "vs_prompt_clean_losses", "vs_prompt_clean_p", "generate_s", "model",
               "device", "dtype", "max_new_tokens", "temperature", "top_p", "seed", "torch",
