@@ -17,7 +17,8 @@ stage step 75 python benchmarks/bench_step.py --grid --dtypes bfloat16 --B 1,8,6
     --out "$out/step_cuda.csv"
 stage paths 40 python benchmarks/kernel_paths.py --B 1,8,64,256 --V 128256 --modes sample \
     --reps 30
-stage graph 30 python -m pytest -q -x tests/test_graph.py -k "capture or zero_dim"
+stage graph 40 python -m pytest -q -x tests/test_graph.py tests/test_penalties.py \
+    -k "capture or zero_dim or captures_without_host_sync"
 stage decode 55 python benchmarks/bench_decode.py --device cuda --shapes 1b --batch 1,8 \
     --repeats 1 --new-tokens 32 --providers plain,stacked,plain-fast,stacked-fast \
     --out "$out/decode_cuda.csv"
