@@ -17,7 +17,7 @@ import sys
 import time
 
 from .cli_args import (CommandError, add_model_arguments, add_sampling_arguments,
-                       check_model_path, load_aligner, sampling_params)
+                       check_model_path, load_aligner, resolve_device, sampling_params)
 from .cli_io import (EXIT_BROKEN_PIPE, check_text, ignore_sigint, os_error_line,
                      quiet_broken_pipe, say)
 from .decoding import BadLogitsError
@@ -67,6 +67,7 @@ def _check(args):
     if any(not p.strip() for p in args.principle):
         raise CommandError("--principle is empty")
     check_model_path(args.model)
+    resolve_device(args.device)  # a bad --device: before the model loads
 
 
 def _generate(args, out):

@@ -166,9 +166,9 @@ def open_files(out: Path, own: Path, files: RunFiles, dist: Distributed) -> set[
     return done
 
 
-def decode_todo(args, s: Settings, todo, dist: Distributed, fd: int, log):
+def decode_todo(args, s: Settings, todo, dist: Distributed, fd: int, path: Path, log):
     """Load the model (when there is something to do) and decode ``todo``, appending to the
-    open file ``fd``. Returns (rows the decoder refused, the progress counters)."""
+    open file ``fd`` (``path``). Returns (rows the decoder refused, the progress counters)."""
     label = f"rank {dist.rank}/{dist.world} " if dist.on else ""
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     progress = Progress(len(todo), bool(show) and dist.rank == 0, label)
@@ -177,7 +177,7 @@ def decode_todo(args, s: Settings, todo, dist: Distributed, fd: int, log):
         return failed, progress
     aligner = load_aligner(args, dist.local_rank)
     progress.t0 = time.perf_counter()
-    writer = ResultWriter(fd)
+    writer = ResultWriter(fd, path)
 
     def write(obj):
         writer.write(obj)
@@ -208,7 +208,7 @@ def run(args, dist: Distributed, files: RunFiles, log) -> int:
         int.from_bytes(os.urandom(8), "big") % 2**63
     mine = [r for r in rows if not dist.on or shard_of(r.key, dist.world) == dist.rank]
     todo = [resolve(r, s, base_seed) for r in mine if r.key not in done]
-    failed, progress = decode_todo(args, s, todo, dist, files.fd(own), log)
+    failed, progress = decode_todo(args, s, todo, dist, files.fd(own), own, log)
     if failed:
         log(f"{len(failed)} row(s) refused by the decoder (reported above) have no result")
     if dist.on:

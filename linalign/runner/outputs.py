@@ -33,7 +33,7 @@ def check_output(path) -> Path:
     real = Path(os.path.realpath(path))
     try:
         st = os.stat(real)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         if not real.parent.is_dir():
             raise CommandError(f"--output {path}: folder {real.parent} does not exist") from None
         if not os.access(real.parent, os.W_OK | os.X_OK):

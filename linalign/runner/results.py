@@ -163,18 +163,27 @@ def write_all(fd: int, data: bytes):
         view = view[os.write(fd, view):]
 
 
-class ResultWriter:
-    """Appends result lines to an open file (``fd``, opened with ``O_APPEND``), each written
-    with unbuffered writes and fsync'ed: a crash loses no written row and can only cut the
-    line being written (dropped on restart). The caller owns ``fd``."""
+def named(e: OSError, path) -> OSError:
+    """``e`` with ``path`` as its file name (``os.write`` on a descriptor names none)."""
+    return OSError(e.errno, e.strerror, str(path)) if e.errno else e
 
-    def __init__(self, fd: int):
-        self.fd = fd
+
+class ResultWriter:
+    """Appends result lines to the open file ``fd`` (opened with ``O_APPEND``; ``path`` names
+    it in errors), each written with unbuffered writes and fsync'ed: a crash loses no
+    written row and can only cut the line being written (dropped on restart). The caller
+    owns ``fd``."""
+
+    def __init__(self, fd: int, path):
+        self.fd, self.path = fd, Path(path)
         self.written = 0
 
     def write(self, obj: dict):
-        write_all(self.fd, encode_line(obj))
-        os.fsync(self.fd)
+        try:
+            write_all(self.fd, encode_line(obj))
+            os.fsync(self.fd)
+        except OSError as e:
+            raise named(e, self.path) from None
         self.written += 1
 
 
@@ -191,7 +200,11 @@ def write_atomic(path, lines: list[dict], *, keep_locked: bool = False) -> int |
         umask = os.umask(0)
         os.umask(umask)
         mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".merging", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".merging",
+                                   dir=path.parent)
+    except OSError as e:
+        raise named(e, path) from None
     try:
         os.fchmod(fd, mode)
         write_all(fd, b"".join(encode_line(o) for o in lines))
@@ -205,10 +218,12 @@ def write_atomic(path, lines: list[dict], *, keep_locked: bool = False) -> int |
             os.fsync(dfd)
         finally:
             os.close(dfd)
-    except BaseException:
+    except BaseException as e:
         os.close(fd)
         if tmp is not None:
             os.unlink(tmp)
+        if isinstance(e, OSError):  # the temporary file's name means nothing to a user
+            raise named(e, path) from None
         raise
     if keep_locked:
         return fd
