@@ -127,6 +127,21 @@ def test_outputs_that_are_not_files_are_refused(tmp_path, capsys, no_model):
         sock.close()
 
 
+def test_stdout_as_output_is_refused(tmp_path):
+    """--output naming the command's own stdout, a pipe (through a private symlink to
+    /proc/self/fd/1, what /dev/stdout is): refused, the pipe untouched and still open."""
+    write_lines(tmp_path / "in.jsonl", LINES)
+    link = tmp_path / "stdout"
+    link.symlink_to("/proc/self/fd/1")
+    proc = subprocess.run([sys.executable, "-m", "linalign.runner", "--input",
+                           str(tmp_path / "in.jsonl"), "--output", str(link), *BASE],
+                          capture_output=True, text=True, cwd=tmp_path, env=ENV, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "is a FIFO (named pipe)" in err[0], err
+    assert proc.stdout == "" and link.is_symlink()
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "stdout"]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="as root, permission bits do not stop a write")
 def test_an_unwritable_folder_is_refused(tmp_path, capsys, no_model):
     folder = tmp_path / "ro"

@@ -142,7 +142,22 @@ def checked_rows(args, s: Settings, dist: Distributed, log):
     return rows, problems
 
 
+class RankError(CommandError):
+    """A ``CommandError`` that only this rank finds (its own files): every rank says its
+    own, where the others are said by rank 0 alone."""
+
+
 def open_files(out: Path, own: Path, files: RunFiles, dist: Distributed) -> set[str]:
+    """``lock_and_read`` with this rank's errors as ``RankError``."""
+    try:
+        return lock_and_read(out, own, files, dist)
+    except RankError:
+        raise
+    except CommandError as e:
+        raise RankError(str(e)) from None
+
+
+def lock_and_read(out: Path, own: Path, files: RunFiles, dist: Distributed) -> set[str]:
     """Lock and check the files this process writes (its own part or OUTPUT; rank 0 and a
     single process: OUTPUT too), cut a line a crash left in its own file, and return the
     ids already done: in OUTPUT and every part this machine sees, and under torchrun rank
@@ -242,7 +257,7 @@ def run_command(args) -> int:
         # ValueError: bad values found past the parser (a model that does not load, a
         # prompt too long for the model's context with --strict). Every rank finds the same
         # CommandError: rank 0 says it.
-        if dist.rank == 0 or not isinstance(e, CommandError):
+        if dist.rank == 0 or isinstance(e, RankError) or not isinstance(e, CommandError):
             log(f"error: {e}")
         return 2
     except (MemoryError, BadLogitsError) as e:  # out of memory; a model giving NaN logits

@@ -30,10 +30,11 @@ def check_output(path) -> Path:
     FIFO, a device, a socket, a folder that does not exist or a file that cannot be
     opened for writing. Whether an existing file is a results file is checked when it is
     opened (``open_results``)."""
-    real = Path(os.path.realpath(path))
     try:
-        st = os.stat(real)
+        st = os.stat(path)  # symlinks followed, /dev/stdout and /proc/self/fd/N too
+        real = Path(os.path.realpath(path))
     except (FileNotFoundError, NotADirectoryError):
+        real = Path(os.path.realpath(path))  # a new file, or a dangling link's target
         if not real.parent.is_dir():
             raise CommandError(f"--output {path}: folder {real.parent} does not exist") from None
         if not os.access(real.parent, os.W_OK | os.X_OK):
