@@ -166,10 +166,10 @@ def load_default_model(*, device="cpu", dtype=torch.float32, cache: bool = True)
         try:
             model, tokenizer = _load_folder(dest, device, dtype)
         except ModelLoadError as e:
+            why = first_line(e.__cause__ or e)
             raise ModelLoadError(
-                f"the model cache entry {dest} is damaged ({first_line(e.__cause__ or e)}): remove it "
-                f"(rm -r '{dest}') and rerun; it is rebuilt from the embedded GGUF in about "
-                "30 s") from e
+                f"the model cache entry {dest} is damaged ({why}): remove it (rm -r '{dest}') "
+                "and rerun; it is rebuilt from the embedded GGUF in about 30 s") from e
     else:
         model, tokenizer = _load_gguf(gguf, device, dtype)
     _set_special_ids(model, tokenizer, [SMOLLM2_END_OF_TURN], SMOLLM2_END_OF_TURN)

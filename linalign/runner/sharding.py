@@ -51,6 +51,8 @@ class Distributed:
         self.local_rank = int(env.get("LOCAL_RANK", "0"))
         self.on = self.world > 1
         self.store = None
+        # torchrun restarts a failed job in the same store: a key of its own per attempt
+        self.left_key = f"{LEFT_KEY}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
     def init(self):
         """Join the process group (nothing for a world of one). The store it is built on
@@ -102,10 +104,11 @@ class Distributed:
         dist.barrier()
         if self.rank != 0:
             dist.destroy_process_group()
-            self.store.add(LEFT_KEY, 1)
+            self.store.add(self.left_key, 1)
             return
         deadline = time.monotonic() + LEAVE_TIMEOUT_SECONDS
-        while self.store.add(LEFT_KEY, 0) < self.world - 1 and time.monotonic() < deadline:
+        while self.store.add(self.left_key, 0) < self.world - 1 and \
+                time.monotonic() < deadline:
             time.sleep(0.01)
         dist.destroy_process_group()
 
