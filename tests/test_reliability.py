@@ -1,8 +1,9 @@
 """The commands under hostile use, as a user hits them: odd ``--output`` paths (FIFOs, a
 private character device, directories, symlinks, files that are not results files), two
-runs on one output, input lines that cannot be decoded, a file that cannot grow (a real
-``RLIMIT_FSIZE``, the kernel's EFBIG), a closed stdout, corrupt model files, bad ``eval``
-files, signals at random moments (fixed seed), and torchrun's teardown in a loop.
+runs on one output, input lines that cannot be decoded, a full and a read-only file system
+(a 4 KiB tmpfs mounted for the test), a file that cannot grow (a real ``RLIMIT_FSIZE``,
+the kernel's EFBIG), a closed stdout, corrupt model files, bad ``eval`` files, signals at
+random moments (fixed seed), and torchrun's teardown in a loop.
 
 Refusals must come before the model loads: those tests replace the loader with one that
 fails the test. Commands run in process (``runner.main``, ``cli.main``) where a subprocess
@@ -10,8 +11,9 @@ adds nothing; signals, closed pipes, file-size limits, the lock of a live run an
 run as subprocesses on the tiny random Llama (at most 8 new tokens a row).
 
 Every session and CI run as root, where permission bits do not stop a write: an output in
-a read-only folder is tested only when the tests run as another user (skipped as root),
-and a read-only file system cannot be mounted here; a full disk is the file-size limit.
+a read-only folder is tested only when the tests run as another user (skipped as root).
+The file-system tests mount a tmpfs, which needs root and a kernel that allows it (they
+are skipped, saying why, where it does not).
 """
 import errno
 import fcntl
@@ -374,6 +376,57 @@ def test_disk_full_while_writing(tmp_path, capsys, clean, monkeypatch):
     monkeypatch.setattr(results_module, "write_all", real)
     assert run(tmp_path, out) == 0
     assert results(out) == clean
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A tmpfs of 4 KiB (one page) mounted on a private folder (root and a kernel that lets us mount;
+    skipped otherwise), unmounted after the test."""
+    where = tmp_path / "fs"
+    where.mkdir()
+    got = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(where)],
+                         capture_output=True, text=True)
+    if got.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {got.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def remount(where, options):
+    subprocess.run(["mount", "-o", f"remount,{options}", str(where)], check=True)
+
+
+def test_a_full_file_system(tmp_path, tiny_fs, capsys, clean):
+    """A real full disk (a 4 KiB tmpfs): one line that names the output and says to free
+    space, exit 1, the rows written before kept; with room made (remounted larger) the
+    same command finishes every row once."""
+    write_lines(tmp_path / "in.jsonl", LINES)
+    out = tiny_fs / "out.jsonl"
+    assert len(b"".join(line_of(o).encode() + b"\n" for o in clean)) > 4096
+    assert run(tmp_path, out, "--batch-size", "2") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "No space left on device" in err[-1] and str(out) in err[-1], err
+    assert "free some space" in err[-1] and not any("Traceback" in e for e in err)
+    kept = runner.read_results(out)  # a cut last line is ignored
+    assert 0 < len(kept) < len(clean) and all(o in clean for o in kept)
+    assert set(os.listdir(tiny_fs)) == {"out.jsonl"}  # no temporary left behind
+    remount(tiny_fs, "size=1m")
+    assert run(tmp_path, out) == 0
+    assert results(out) == clean and f"({len(kept)} already done)" in capsys.readouterr().err
+
+
+def test_a_read_only_file_system(tmp_path, tiny_fs, capsys, clean, no_model):
+    """An output on a read-only file system (the tmpfs remounted read-only), existing or
+    new: one line that says so, exit 2, before the model loads; nothing changed."""
+    write_lines(tmp_path / "in.jsonl", LINES)
+    out = write_lines(tiny_fs / "out.jsonl", [line_of(clean[0])])
+    remount(tiny_fs, "ro")
+    for path in (out, tiny_fs / "new.jsonl"):
+        assert run(tmp_path, path) == 2
+        assert "read-only file system" in one_line(capsys)
+    assert os.listdir(tiny_fs) == ["out.jsonl"] and results(out) == clean[:1]
 
 
 # ------------------------------------------------------------------------- input lines

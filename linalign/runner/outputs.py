@@ -37,6 +37,9 @@ def check_output(path) -> Path:
         real = Path(os.path.realpath(path))  # a new file, or a dangling link's target
         if not real.parent.is_dir():
             raise CommandError(f"--output {path}: folder {real.parent} does not exist") from None
+        if read_only(real.parent):
+            raise CommandError(f"--output {path}: {real.parent} is on a read-only file "
+                               "system: pick a writable place") from None
         if not os.access(real.parent, os.W_OK | os.X_OK):
             raise CommandError(f"--output {path}: cannot create files in {real.parent} "
                                "(permission denied): pick a writable folder") from None
@@ -46,10 +49,21 @@ def check_output(path) -> Path:
     if not stat.S_ISREG(st.st_mode):
         raise CommandError(f"--output {path} is {kind_of(st.st_mode)}: linalign run writes "
                            "its results to a regular file; give a file path")
+    if read_only(real.parent):
+        raise CommandError(f"--output {path} is on a read-only file system (the run appends "
+                           "to it and renames a new file over it): pick a writable place")
     if not os.access(real, os.R_OK | os.W_OK):
         raise CommandError(f"--output {path}: permission denied (the run reads and appends "
                            "to it)")
     return real
+
+
+def read_only(folder: Path) -> bool:
+    """Whether ``folder`` is on a file system mounted read-only."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def lock_fd(path: Path, what: str) -> int:
