@@ -204,18 +204,23 @@ def test_files_that_are_not_results_are_refused_untouched(tmp_path, capsys, clea
         capsys.readouterr()
 
 
-def test_a_line_cut_by_a_crash_is_still_repaired(tmp_path, clean):
+def test_a_line_cut_by_a_crash_is_still_repaired(tmp_path, clean, capsys):
     """What a crash leaves (the start of a result line, even alone in the file) is cut and
-    that row decoded again."""
-    for i, tail in enumerate([line_of(clean[1])[:5], line_of(clean[1])[:60]]):
+    that row decoded again; a complete result line without its newline (an edit) is kept
+    and ended."""
+    for i, (text, done) in enumerate([
+            (line_of(clean[1])[:5], 0),
+            (line_of(clean[0]) + "\n" + line_of(clean[1])[:60], 1),
+            (line_of(clean[0]) + "\n" + line_of(clean[1]), 2)]):
         out = tmp_path / f"out{i}.jsonl"
-        out.write_text(tail if i == 0 else line_of(clean[0]) + "\n" + tail)
+        out.write_text(text)
         assert run(tmp_path, out) == 0
         assert results(out) == clean
+        assert f"({done} already done)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["o[1]*?.jsonl", "with space and 'quote'.jsonl",
-                                  "ünïcødé\tname.jsonl"])
+                                  "ünïcødé\tname\n.jsonl", os.fsdecode(b"not-utf8-\xff.jsonl")])
 def test_part_files_of_odd_names(tmp_path, clean, name):
     """Part files are found whatever the output's name holds (glob characters too)."""
     out = tmp_path / name

@@ -19,7 +19,7 @@ import stat
 from pathlib import Path
 
 from ..cli_args import CommandError
-from .results import kind_of, parse_results
+from .results import kind_of, parse_results, write_all
 
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
@@ -110,7 +110,8 @@ def read_fd(fd: int) -> bytes:
 
 class RunFiles:
     """The locked files of one run: ``open_results`` locks a file, checks it is a results
-    file, cuts a line left by a crash and returns its results; ``adopt`` keeps another
+    file, cuts a line left by a crash (or ends a complete last line with its missing
+    newline) and returns its results; ``adopt`` keeps another
     locked descriptor (the merged OUTPUT); ``close`` releases them all."""
 
     def __init__(self):
@@ -121,9 +122,13 @@ class RunFiles:
         path = Path(path)
         fd = lock_fd(path, what)
         self.fds[path] = fd
-        lines, end = parse_results(read_fd(fd), path)  # refuses before cutting anything
-        if repair and end < os.fstat(fd).st_size:
-            os.ftruncate(fd, end)
+        data = read_fd(fd)
+        lines, fix = parse_results(data, path)  # refuses before changing anything
+        if repair and fix is not None:
+            if fix:
+                write_all(fd, fix)  # O_APPEND: at the end
+            else:
+                os.ftruncate(fd, data.rfind(b"\n") + 1)
             os.fsync(fd)
         return lines
 

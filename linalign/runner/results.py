@@ -3,12 +3,12 @@ fsync'ed), read back on a restart, part files of ``torchrun`` ranks, and the mer
 file in input order, every id once.
 
 What makes a file a linalign results file (anything else is refused untouched): every
-complete line is blank or a JSON object with the keys ``RESULT_KEYS``; the only other thing
-allowed is a last line without its newline that is the start of such a line as
-``ResultWriter`` writes it (``{"id": ID, "prompt": ...``, not a complete JSON value): what
-a crash leaves. That cut line is the one thing a restart removes, and only after the whole
-file has been checked. Rules: docs/run.md, "Output", "Restart" and "Several processes and
-machines".
+complete line is blank or a JSON object with the keys ``RESULT_KEYS``; its last line may
+lack its newline if it is such an object too (the newline is added), or the start of such
+a line as ``ResultWriter`` writes it (``{"id": ID, "prompt": ...``, not a complete JSON
+value): what a crash leaves. That cut line is the one thing a restart removes, and only
+after the whole file has been checked. Rules: docs/run.md, "Output", "Output files and
+locks", "Restart" and "Several processes and machines".
 """
 from __future__ import annotations
 
@@ -66,34 +66,48 @@ def is_cut_line(tail: str) -> bool:
     return after.startswith(AFTER_ID) or AFTER_ID.startswith(after)
 
 
-def parse_results(data: bytes, path) -> tuple[list[dict], int]:
-    """The result lines of a file's bytes and where its complete lines end (``len(data)``
-    unless a crash cut the last line). ``CommandError`` (nothing cut) when the file is not a
-    linalign results file."""
+def result_of(raw: bytes) -> dict | None:
+    """The result a line holds, or None when it is not a result line."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) and all(k in obj for k in RESULT_KEYS) else None
+
+
+def parse_results(data: bytes, path) -> tuple[list[dict], bytes | None]:
+    """The result lines of a file's bytes, and how to repair its end: ``None`` (nothing to
+    do), ``b""`` (cut the last line, a crash's leftover) or ``b"\\n"`` (a complete result
+    line without its newline, e.g. after an edit: add it). ``CommandError`` (nothing
+    changed) when the file is not a linalign results file."""
     def refuse(why):
         return CommandError(f"{path} is not a linalign results file ({why}): it was left "
                             "untouched; pick another --output, or move that file away")
 
     end = data.rfind(b"\n") + 1
-    if end < len(data):
-        try:
-            tail = data[end:].decode("utf-8")
-        except UnicodeDecodeError:
-            tail = None
-        if tail is None or not is_cut_line(tail):
-            raise refuse("its last line has no newline and is not a result line cut short")
-    out = []
+    out, repair = [], None
     for n, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
         if not raw.strip():
             continue
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            obj = None
-        if not isinstance(obj, dict) or not all(k in obj for k in RESULT_KEYS):
+        obj = result_of(raw)
+        if obj is None:
             raise refuse(f"line {n} is not a result line")
         out.append(obj)
-    return out, end
+    if end < len(data):
+        tail = data[end:]
+        obj = result_of(tail)
+        if obj is not None:
+            out.append(obj)
+            repair = b"\n"
+        else:
+            try:
+                cut = is_cut_line(tail.decode("utf-8"))
+            except UnicodeDecodeError:
+                cut = False
+            if not cut:
+                raise refuse("its last line has no newline and is not a result line")
+            repair = b""
+    return out, repair
 
 
 def read_bytes(path, what: str = "file") -> bytes | None:
