@@ -326,8 +326,12 @@ def test_signals_at_random_moments(tmp_path, clean, sig):
         err = proc.stderr.read()
         assert "Traceback" not in err or sig != signal.SIGINT, err
         if sig == signal.SIGINT:
-            assert code in (130, 0), err
-            assert code == 0 or "interrupted; finished rows are in the output" in err
+            # 130, or (once in some 40 tries here, after the same one line) an end by the
+            # signal itself, which a shell reports as 130 too; 0 when the run had finished
+            assert code in (130, -signal.SIGINT, 0), err
+            assert code == 0 or err.strip().splitlines() == [
+                "linalign: interrupted; finished rows are in the output: rerun the same "
+                "command to resume"], err
     done = subprocess_run(tmp_path, out, "--batch-size", "2")
     assert done.wait(timeout=300) == 0, done.stderr.read()
     assert results(out) == clean
