@@ -11,13 +11,15 @@ traceback; running out of memory ends with exit code 1 and one line. See docs/er
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import signal
 import sys
 import time
 
-import dataclasses
-
 from .cli_args import (CommandError, add_model_arguments, add_sampling_arguments,
-                       check_model_path, load_aligner, sampling_params)
+                       check_model_path, load_aligner, resolve_device, sampling_params)
+from .cli_io import (EXIT_BROKEN_PIPE, check_text, ignore_sigint, os_error_line,
+                     quiet_broken_pipe, say)
 from .decoding import BadLogitsError
 from .options import DEFAULT_RATIO
 
@@ -56,11 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(args):
+    check_text("the prompt", args.prompt)
+    for p in args.principle:
+        check_text("--principle", p)
+    check_text("--system", args.system)
     if not args.prompt.strip():
         raise CommandError("the prompt is empty")
     if any(not p.strip() for p in args.principle):
         raise CommandError("--principle is empty")
     check_model_path(args.model)
+    resolve_device(args.device)  # a bad --device: before the model loads
 
 
 def _generate(args, out):
@@ -113,8 +120,11 @@ def _show(result, stats, out):
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    """The ``linalign`` command; returns the exit code (docs/errors.md). Every failure is
+    one line on stderr."""
+    sigint = None
     try:
+        parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
@@ -125,19 +135,29 @@ def main(argv=None) -> int:
             return 0
         return args.run_command(args)
     except CommandError as e:
-        print(f"linalign: error: {e}", file=sys.stderr)
+        say(f"linalign: error: {e}")
         return 2
     except ValueError as e:  # bad values found past the parser, a model that does not load
-        print(f"linalign: error: {e}", file=sys.stderr)
+        say(f"linalign: error: {e}")
         return 2
     except (MemoryError, BadLogitsError) as e:  # out of memory (the message says what to
         # lower); a model whose logits are NaN or +inf (the message names the rows)
-        print(f"linalign: error: {str(e).splitlines()[0] if str(e) else 'out of memory'}",
-              file=sys.stderr)
+        say(f"linalign: error: {str(e).splitlines()[0] if str(e) else 'out of memory'}")
+        return 1
+    except BrokenPipeError:  # stdout's reader went away (`linalign generate ... | head`)
+        quiet_broken_pipe()
+        say("linalign: stdout was closed before the answer was written in full (broken pipe)")
+        return EXIT_BROKEN_PIPE
+    except OSError as e:  # writing the answer failed: stdout on a full disk, ...
+        say(f"linalign: error: {os_error_line(e)}")
         return 1
     except KeyboardInterrupt:
-        print("linalign: interrupted", file=sys.stderr)
+        sigint = ignore_sigint()
+        say("linalign: interrupted")
         return 130
+    finally:
+        if sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
 
 
 if __name__ == "__main__":  # pragma: no cover

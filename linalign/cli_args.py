@@ -221,6 +221,12 @@ def resolve_device(name: str, local_rank: int = 0):
         raise CommandError(f"--device {name}: expected cpu, cuda, cuda:N or auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CommandError(f"--device {name}: no CUDA device here (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and \
+            dev.index >= torch.cuda.device_count():
+        raise CommandError(f"--device {name}: there are {torch.cuda.device_count()} CUDA "
+                           f"device(s) here, cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise CommandError(f"--device {name}: the CPU is one device: use --device cpu")
     return dev
 
 

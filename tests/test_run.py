@@ -327,9 +327,11 @@ def test_bad_arguments_and_outputs(tmp_path, capsys):
                         str(tmp_path / "no" / "o.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
     # an output that is not ours is never appended to
-    (tmp_path / "out.jsonl").write_text('{"id": 1}\nsomething else\n{"id": 2}\n')
+    line = '{"id": 1, "text": "", "finish_reason": "length"}\n'
+    (tmp_path / "out.jsonl").write_text(line + "something else\n" + line)
     assert run(tmp_path) == 2
-    assert "out.jsonl line 2 is not a linalign result line" in capsys.readouterr().err
+    assert "out.jsonl is not a linalign results file (line 2 is not a result line)" in \
+        capsys.readouterr().err
 
 
 def test_out_of_memory_splits_the_batch(aligner):
@@ -358,9 +360,9 @@ def test_merge_outputs(tmp_path):
     order, ids not in the input last; missing ids reported."""
     inp = write_lines(tmp_path / "in.jsonl", LINES)
     out = tmp_path / "out.jsonl"
-    mk = [{"id": x["id"], "text": str(x["id"])} for x in LINES]
+    mk = [{"id": x["id"], "text": str(x["id"]), "finish_reason": "length"} for x in LINES]
     write_lines(out, [mk[3]])
-    write_lines(tmp_path / "out.jsonl.rank0-of-2", [mk[1], mk[0], {"id": "zz"}])
+    write_lines(tmp_path / "out.jsonl.rank0-of-2", [mk[1], mk[0], dict(mk[0], id="zz")])
     write_lines(tmp_path / "out.jsonl.rank1-of-2", [dict(mk[3], text="dup"), mk[5]])
     assert [p.name for p in runner.part_paths(out)] == ["out.jsonl.rank0-of-2",
                                                         "out.jsonl.rank1-of-2"]

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shlex
+import stat
 import sys
 import time
 
@@ -106,9 +107,7 @@ def eval_command(args, out=None, progress=None) -> int:
     out = sys.stdout if out is None else out
     progress = sys.stderr if progress is None else progress
     if args.report:
-        summary = read_results(args.report)
-        out.write(report_caption(summary, args.report) + "\n\n" + markdown_report(summary) +
-                  "\n")
+        out.write(report_text(args.report) + "\n")
         return 0
     names, settings, decodings, prompts = grid_of(args)
     t0 = time.perf_counter()
@@ -142,12 +141,36 @@ def eval_command(args, out=None, progress=None) -> int:
 
 
 def read_results(path: str) -> dict:
-    """A PREFIX.json written by an earlier run (``--report``)."""
+    """A PREFIX.json written by an earlier run (``--report``); ``CommandError`` naming the
+    file when it is missing, not a regular file, unreadable or not JSON."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CommandError(f"--report {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CommandError(f"--report {path}: not a regular file; give the PREFIX.json of an "
+                           "earlier linalign eval run")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (OSError, ValueError) as e:
-        raise CommandError(f"--report {path}: {e}") from None
+    except OSError as e:
+        raise CommandError(f"--report {path}: {e.strerror}") from None
+    except (ValueError, RecursionError) as e:
+        raise CommandError(f"--report {path}: not JSON ({str(e).splitlines()[0]}); give the "
+                           "PREFIX.json of an earlier linalign eval run") from None
+
+
+def report_text(path: str) -> str:
+    """The caption and Markdown tables of the PREFIX.json at ``path``; ``CommandError`` when
+    the file is not one (JSON of another shape)."""
+    summary = read_results(path)
+    try:
+        if not isinstance(summary, dict) or not isinstance(summary.get("rows"), list):
+            raise ValueError('no "rows" list at the top')
+        return report_caption(summary, path) + "\n\n" + markdown_report(summary)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise CommandError(f"--report {path}: not the PREFIX.json of a linalign eval run "
+                           f"({type(e).__name__}: {e})") from None
 
 
 def grid_of(args) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -173,7 +196,9 @@ def grid_of(args) -> tuple[list[str], list[str], list[str], list[str]]:
                                f"{', '.join(PRINCIPLES)}")
     try:
         prompts = load_prompts(args.prompt_file)[:args.prompts]
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise CommandError(f"--prompt-file {args.prompt_file}: {e.strerror or e}") from None
+    except ValueError as e:  # not UTF-8, no prompts
         raise CommandError(f"--prompt-file {args.prompt_file}: {e}") from None
     return names, settings, decodings, prompts
 

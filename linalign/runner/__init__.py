@@ -12,8 +12,10 @@ The modules:
   resolved ``Job`` (``resolve``) and the batches (``plan``).
 - ``batches``: ``decode_jobs``, one ``generate`` call per batch, each row written through
   ``on_finished`` the moment the decoding loop sees it end; out-of-memory retries.
-- ``results``: the output (``read_results``, ``ResultWriter``), part files and the merge
-  (``merge_results``, ``merge_outputs``).
+- ``results``: the output (what a results file is: ``parse_results``; ``read_results``,
+  ``ResultWriter``), part files and the merge (``merge_results``, ``merge_outputs``).
+- ``outputs``: the files a run writes, checked before anything is written
+  (``check_output``) and locked for the whole run (``RunFiles``).
 - ``sharding``: ``torchrun`` (``Distributed``, ``shard_of``, ``row_seed``,
   ``gather_and_merge``).
 - ``progress``: the progress bar. ``command``: the options and ``run_command``.
@@ -25,16 +27,18 @@ from .command import (DESCRIPTION, add_run_arguments, add_run_parser, main, run_
                       settings_of)
 from .jobs import Job, RunOptions, Settings, batch_params, default_ratios, plan, resolve
 from .lines import FIELDS, Row, parse_line, read_input
+from .outputs import RunFiles, check_output
 from .progress import Progress
-from .results import (MergeSummary, ResultWriter, merge_outputs, merge_results, part_path,
-                      part_paths, read_results, write_atomic)
+from .results import (MergeSummary, ResultWriter, merge_outputs, merge_results, parse_results,
+                      part_path, part_paths, read_results, write_atomic)
 from .sharding import Distributed, gather_and_merge, row_seed, shard_of
 
 __all__ = [
-    "DESCRIPTION", "FIELDS", "Distributed", "FinishedRows", "Job", "MergeSummary", "Progress",
-    "ResultWriter", "Row", "RunOptions", "Settings", "add_run_arguments", "add_run_parser",
-    "batch_params", "decode_jobs", "default_ratios", "gather_and_merge", "generate_batch",
-    "main", "merge_outputs", "merge_results", "parse_line", "part_path", "part_paths", "plan",
-    "read_input", "read_results", "resolve", "result_line", "row_seed", "run_command",
-    "settings_of", "shard_of", "write_atomic",
+    "DESCRIPTION", "Distributed", "FIELDS", "FinishedRows", "Job", "MergeSummary", "Progress",
+    "ResultWriter", "Row", "RunFiles", "RunOptions", "Settings", "add_run_arguments",
+    "add_run_parser", "batch_params", "check_output", "decode_jobs", "default_ratios",
+    "gather_and_merge", "generate_batch", "main", "merge_outputs", "merge_results",
+    "parse_line", "parse_results", "part_path", "part_paths", "plan", "read_input",
+    "read_results", "resolve", "result_line", "row_seed", "run_command", "settings_of",
+    "shard_of", "write_atomic",
 ]

@@ -142,25 +142,75 @@ def parse_line(obj, line: int) -> Row:
     return row
 
 
+def unencodable(row: Row) -> str | None:
+    """Where a row's text cannot be written as UTF-8 (a lone surrogate, from a ``\\ud800``
+    escape), in words, or None."""
+    for name, text in [("id", row.id), ("prompt", row.prompt)] + \
+            [("principle", p) for p in row.principles]:
+        if not isinstance(text, str):
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f'a lone surrogate \\u{ord(text[e.start]):04x} in "{name}" at character ' \
+                f"{e.start}"
+    return None
+
+
 def _parsed(raw: bytes, n: int) -> Row:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"not UTF-8 ({e.reason} at byte {e.start})") from None
+        raise ValueError(f"not UTF-8 ({e.reason} at byte {e.start}): save the file as "
+                         "UTF-8") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-    return parse_line(obj, n)
+    except RecursionError:
+        raise ValueError("not a line of this format (JSON nested too deeply)") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise ValueError(f"not a line of this format (a number too long: "
+                         f"{str(e).split(':')[0]})") from None
+    try:
+        row = parse_line(obj, n)
+        where = unencodable(row)
+        if where:
+            raise ValueError(f"text that is not valid Unicode ({where}): it cannot be "
+                             "written as UTF-8")
+    except ValueError as e:
+        named = isinstance(obj, dict) and isinstance(obj.get("id"), (str, int)) and \
+            not isinstance(obj.get("id"), bool)
+        raise ValueError(f"id {shown_id(obj['id'])}: {e}" if named else str(e)) from None
+    return row
+
+
+def shown_id(i) -> str:
+    """An id as a message shows it: its repr (escapes included), cut to 40 characters."""
+    text = repr(i)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+#: Byte-order marks of encodings other than UTF-8 (a file saved as UTF-16 or UTF-32).
+OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+              (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def read_input(path) -> tuple[list[Row], list[tuple[int, str]]]:
     """The valid rows of a JSON-lines file, in file order, and the problems of the others as
     ``(line number, message)``. Blank lines are neither rows nor problems; a duplicate id is
-    a problem (the first line keeps it)."""
+    a problem (the first line keeps it). A UTF-8 byte-order mark at the start is skipped;
+    a file that starts with a UTF-16 or UTF-32 one is a ``ValueError`` (every line would
+    be rejected)."""
     rows, problems, seen = [], [], {}
     with open(path, "rb") as f:
         data = f.read()
+    for bom, name in OTHER_BOMS:
+        if data.startswith(bom):
+            raise ValueError(f"{path} is {name} text (it starts with a {name} byte-order "
+                             "mark): save it as UTF-8")
+    data = data.removeprefix(UTF8_BOM)
     for n, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue

@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
-from .results import (merge_results, missing_ids, part_paths, read_results,
+from ..cli_args import CommandError
+from .results import (merge_results, missing_ids, part_path, part_paths, read_results,
                       write_atomic)
 
 #: torch.distributed timeout for the final gather: ranks finish their shards at different
 #: times and wait there for the slowest one, which may take hours on a long job.
 DIST_TIMEOUT_HOURS = 7 * 24
+#: The store key through which ranks 1.. tell rank 0 they have left the process group,
+#: and how long rank 0 waits for them before leaving anyway.
+LEFT_KEY = "linalign/left"
+LEAVE_TIMEOUT_SECONDS = 60
 
 
 def digest(text: str) -> int:
@@ -44,19 +50,29 @@ class Distributed:
         self.rank = int(env.get("RANK", "0"))
         self.local_rank = int(env.get("LOCAL_RANK", "0"))
         self.on = self.world > 1
+        self.store = None
+        # torchrun restarts a failed job in the same store: a key of its own per attempt
+        self.left_key = f"{LEFT_KEY}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
     def init(self):
-        """Join the process group (nothing for a world of one)."""
+        """Join the process group (nothing for a world of one). The store it is built on
+        is kept (``self.store``): the ordered teardown (``leave``) still needs it once the
+        group is gone."""
         if not self.on:
             return
         import datetime
 
         import torch.distributed as dist
 
+        timeout = datetime.timedelta(hours=DIST_TIMEOUT_HOURS)
+        # the env:// rendezvous of init_process_group itself (torchrun's agent store, or
+        # one hosted by rank 0 without torchrun), kept as our own reference
+        self.store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
         # gloo on every device: the ranks only exchange a few small objects (the parts, a
         # flag), never tensors of the model, and gloo needs no GPU set-up and works across
         # nodes over TCP; each rank decodes on its own device.
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=DIST_TIMEOUT_HOURS))
+        dist.init_process_group("gloo", store=self.store, rank=self.rank,
+                                world_size=self.world, timeout=timeout)
 
     def gather(self, obj) -> list | None:
         """Every rank's ``obj`` on rank 0 (a list by rank), None elsewhere."""
@@ -74,13 +90,31 @@ class Distributed:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def barrier(self):
-        """Wait until every rank is here."""
+    def leave(self):
+        """Tear the process group down in order, at the end of a run that went through:
+        a barrier (no rank is still inside a collective), then every rank but 0 destroys
+        its end and says so through the store, then rank 0, the root of every collective
+        (and the store's host when torchrun's agent does not host it), destroys its own
+        once all others are gone. An early leaver made the others abort at exit
+        ("terminate called without an active exception"), however complete the output."""
         import torch.distributed as dist
 
+        if not self.on or not dist.is_initialized():
+            return
         dist.barrier()
+        if self.rank != 0:
+            dist.destroy_process_group()
+            self.store.add(self.left_key, 1)
+            return
+        deadline = time.monotonic() + LEAVE_TIMEOUT_SECONDS
+        while self.store.add(self.left_key, 0) < self.world - 1 and \
+                time.monotonic() < deadline:
+            time.sleep(0.01)
+        dist.destroy_process_group()
 
     def close(self):
+        """Whatever is left of the process group, at once (error paths: torchrun stops the
+        other ranks)."""
         if self.on:
             import torch.distributed as dist
 
@@ -88,15 +122,17 @@ class Distributed:
                 dist.destroy_process_group()
 
 
-def merge_on_rank0(output, got: list, rows, log) -> bool:
+def merge_on_rank0(output: Path, got: list, rows, files, log) -> bool:
     """Rank 0: the gathered parts' lines merged with OUTPUT and the parts it sees into
-    OUTPUT, in input order; the parts it saw are removed. False (logged) when that fails."""
+    OUTPUT, in input order; the parts it saw are removed. Parts of another world size that
+    a live run holds (locked) are left alone. False (logged) when that fails."""
     try:
-        seen = part_paths(output)
+        mine = {part_path(output, r, len(got)) for r in range(len(got))}
+        seen = [p for p in part_paths(output) if p in mine or claim(files, p, log)]
         merged, extra = merge_results([r.key for r in rows],
                                       [read_results(output)] + [g[1] for g in got] +
                                       [read_results(p) for p in seen])
-        write_atomic(Path(output), merged)
+        files.adopt(output, write_atomic(output, merged, keep_locked=True))
         for p in seen:
             p.unlink(missing_ok=True)
         missing = missing_ids(rows, merged)
@@ -111,17 +147,25 @@ def merge_on_rank0(output, got: list, rows, log) -> bool:
         return False
 
 
-def gather_and_merge(dist: Distributed, output, own: Path, rows, log) -> int:
+def claim(files, part: Path, log) -> bool:
+    """Lock a leftover part (another world size) before folding it in; False, logged, when
+    a live run holds it."""
+    try:
+        files.open_results(part, "part file", repair=False)
+        return True
+    except CommandError as e:
+        log(f"{e}; not merged")
+        return False
+
+
+def gather_and_merge(dist: Distributed, output: Path, own: Path, rows, files, log) -> int:
     """Every rank sends its part's lines to rank 0 (no shared filesystem needed); rank 0
     merges them with OUTPUT and the parts it sees, then every rank removes its own part.
     Returns the exit code (1: the merge failed, the parts are kept)."""
     got = dist.gather((str(own), read_results(own)))
-    ok = merge_on_rank0(output, got, rows, log) if dist.rank == 0 else True
+    ok = merge_on_rank0(output, got, rows, files, log) if dist.rank == 0 else True
     ok = dist.broadcast(ok)
     if ok:
         own.unlink(missing_ok=True)
-    # Tear down in order: no rank leaves (and destroys its end of the process group) while
-    # another is still inside a collective; an early leaver made rank 0 abort at exit
-    # ("terminate called without an active exception") after a complete merge.
-    dist.barrier()
+    dist.leave()
     return 0 if ok else 1
