@@ -5,6 +5,8 @@
     python benchmarks/bench_decode.py --device cuda   # GPU: random-weight Llama 1B and 8B, bf16
     python benchmarks/bench_decode.py --report benchmarks/results/decode_cpu.csv  # README tables
     python benchmarks/bench_decode.py --forward-cost  # the model's own cost of more rows
+    python benchmarks/bench_decode.py --providers plain,stacked,plain-fp32,stacked-fp32 \
+        --batch 1 --repeats 5                         # packed against fp32, plain and LA
 
 Providers, all in linalign's loop (``LinearAligner``), greedy, with the authors' HH setting
 given explicitly (ratio 3, T 0.5, top-p 0.8; the library's default ratio is 1.0,
@@ -22,6 +24,12 @@ linalign.options.DEFAULT_RATIO):
               step replayed as a CUDA graph. Default with --device cuda (--providers to
               choose; on the CPU there is no graph, only the static cache). Their warm-up
               runs the measured shape once, so graph capture is not timed.
+  plain-fp32, stacked-fp32
+              (CPU, embedded model; in the default CPU set) plain and stacked on the exact
+              fp32 model (``load_default_model(packed=False)``), while the providers above
+              run the default, whose linear layers are packed (``linalign.packed_linear``:
+              fp16 weights, fp32 activations, FBGEMM). Their ratios: stacked-fp32 against
+              plain-fp32, and plain against plain-fp32 (the packed model's speed-up).
   kl, K2, K3  (--variants; and kl-fast, K2-fast, K3-fast with fast=True) the stacked loop in
               kl mode (budget 1 nat) and with 2 and 3 principles (one forward of 3B and 4B
               rows per step); their ratios are against stacked (stacked-fast).
@@ -30,7 +38,8 @@ do the same work. tokens/s = B * new tokens / decode seconds (the prefill forwar
 it is recorded as "prefill" rows); median and interquartile spread over --repeats runs
 (common.median_spread), the providers interleaved so that drift hits all alike. The ratios
 printed are against "plain" (the fast one against "plain-fast"); the goal is
-stacked / plain >= 0.9.
+stacked / plain >= 0.9. The packed and the fp32 model's greedy tokens are compared too
+(printed, not a check: the weights' fp16 rounding may move a near-tie).
 
 The tokens are checked after timing (``token_checks``): every run of a provider gives the
 same tokens; plain and plain-fast give the same tokens, and so do stacked, two-caches and
@@ -42,7 +51,8 @@ authors' sort keeps one of the tied tokens and linalign keeps all); and its deco
 must equal two-caches' unless such a tie came up. A failed check is printed with its rows
 and positions, and the command then exits with status 1 (the rows are written anyway).
 
-CPU: the embedded SmolLM2-135M-Instruct (fp32), torch threads fixed (default 1), the chat
+CPU: the embedded SmolLM2-135M-Instruct (its default: fp32 with packed linear layers; and
+the exact fp32 model for the -fp32 providers), torch threads fixed (default 1), the chat
 prompts below. GPU (or --model random): Llama-shaped models with random bf16 weights
 (linalign.testing.random_llama; the 1B and 8B shapes, logits scaled to be peaked) and random
 prompt ids of 64 to 128 tokens, the with-branch 24 tokens longer.
@@ -59,6 +69,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import linalign  # noqa: E402
 from linalign.baselines import authors_as_step  # noqa: E402
+from linalign.packed_linear import pack_linears, packed_layers  # noqa: E402
 import common  # noqa: E402
 
 PROMPTS = [
@@ -75,21 +86,26 @@ PRINCIPLE = "Answer like a pirate."
 MORE_PRINCIPLES = ["Be brief.", "Use simple words."]  # the K = 2 and 3 variants
 SETTING = dict(ratio=3.0, temperature=0.5, top_p=0.8, greedy=True)  # explicit, not defaults
 PROVIDERS = ("plain", "stacked", "two-caches", "authors", "plain-fast", "stacked-fast")
-SLOW = PROVIDERS[:4]  # the CPU default
+SLOW = PROVIDERS[:4]  # the CPU default, with EXACT on the embedded model
+EXACT = ("plain-fp32", "stacked-fp32")  # the exact fp32 model (the default is packed)
 VARIANTS = ("kl", "K2", "K3", "kl-fast", "K2-fast", "K3-fast")  # --variants
 SAME_TOKENS = (("plain", "plain-fast"), ("stacked", "two-caches", "stacked-fast"),
                ("kl", "kl-fast"), ("K2", "K2-fast"), ("K3", "K3-fast"))
 SHORT = {"stacked/plain": "st/pl", "two-caches/plain": "2c/pl", "authors/plain": "au/pl",
          "stacked-fast/plain-fast": "sf/pf", "kl/stacked": "kl/st", "K2/stacked": "K2/st",
          "K3/stacked": "K3/st", "kl-fast/stacked-fast": "klf/sf",
-         "K2-fast/stacked-fast": "K2f/sf", "K3-fast/stacked-fast": "K3f/sf"}
+         "K2-fast/stacked-fast": "K2f/sf", "K3-fast/stacked-fast": "K3f/sf",
+         "stacked-fp32/plain-fp32": "sx/px", "plain/plain-fp32": "pl/px"}
 
 
-def aligners(model, tokenizer):
+def aligners(model, tokenizer, exact=None):
     """The loops the providers run: linalign's step, and the authors' step (two aligners
-    over the same model); end of sequence ignored, so every row does the same work."""
+    over the same model), and linalign's on ``exact`` (the -fp32 providers' model) when
+    given; end of sequence ignored, so every row does the same work."""
     out = {"linalign": linalign.LinearAligner(model, tokenizer),
            "authors": linalign.LinearAligner(model, tokenizer, step=authors_as_step)}
+    if exact is not None:
+        out["fp32"] = linalign.LinearAligner(exact, tokenizer)
     for aligner in out.values():
         aligner.eos_ids = []
     return out
@@ -99,8 +115,9 @@ def run_provider(loops, name, ids_with, ids_without, new_tokens, aligner=None):
     """One decoding run of provider ``name``. ``ids_with``: the principle branches' rows,
     one list per principle (3 for the K variants; the first is the one-principle branch).
     ``aligner``: run on this one instead of the provider's own (the authors' check)."""
-    aligner = aligner or loops["authors" if name == "authors" else "linalign"]
-    fast, kind = name.endswith("-fast"), name.removesuffix("-fast")
+    aligner = aligner or loops["authors" if name == "authors" else
+                               "fp32" if name in EXACT else "linalign"]
+    fast, kind = name.endswith("-fast"), name.removesuffix("-fast").removesuffix("-fp32")
     common_kw = dict(max_new_tokens=new_tokens, fast=fast, temperature=SETTING["temperature"],
                      top_p=SETTING["top_p"], greedy=SETTING["greedy"])
     if kind in ("kl", "K2", "K3"):
@@ -119,13 +136,15 @@ def run_provider(loops, name, ids_with, ids_without, new_tokens, aligner=None):
 
 def ratios(med, providers):
     """(label, value) of each provider against its baseline: plain, or plain-fast; the
-    variants against stacked, or stacked-fast."""
+    variants against stacked, or stacked-fast; stacked-fp32 against plain-fp32; and plain
+    against plain-fp32 (the packed model's speed-up)."""
     out = []
     for p in providers:
-        base = "plain-fast" if p == "stacked-fast" else "plain"
+        base = {"stacked-fast": "plain-fast", "plain": "plain-fp32",
+                "stacked-fp32": "plain-fp32"}.get(p, "plain")
         if p in VARIANTS:
             base = "stacked-fast" if p.endswith("-fast") else "stacked"
-        if p not in ("plain", "plain-fast") and base in med:
+        if p not in ("plain-fast", "plain-fp32") and p != base and base in med:
             out.append((f"{p}/{base}", med[p] / med[base]))
     return out
 
@@ -179,6 +198,28 @@ class AuthorsCheck:
                 (self.calls, row, f"step {self.calls}, row {row}: linalign {a}, authors {b}"
                  + (f" ({why})" if why else "")))
         return theirs
+
+
+def packed_against_fp32(tokens):
+    """Lines saying how many rows the packed model (plain, stacked) decodes to the same
+    greedy tokens as the exact fp32 model (plain-fp32, stacked-fp32), and where the others
+    first differ: a comparison, not a check (fp16 weights may move a near-tie)."""
+    out = []
+    for p in ("plain", "stacked"):
+        if p in tokens and f"{p}-fp32" in tokens:
+            a, b = tokens[p][0], tokens[f"{p}-fp32"][0]
+            bad = first_difference(a, b)
+            out.append(f"packed {p} against {p}-fp32: {len(a) - len(bad)} of {len(a)} rows the "
+                       "same greedy tokens" + (f"; the others differ from (row, position) "
+                                               f"{bad[:4]}" if bad else ""))
+    return out
+
+
+def model_dtype(model) -> str:
+    """The results' dtype field: the weights' dtype, or "packed" for a packed model."""
+    if packed_layers(model):
+        return "packed"
+    return str(next(model.parameters()).dtype).replace("torch.", "")
 
 
 def first_difference(a, b):
@@ -259,7 +300,7 @@ def measure(label, loops, ids_with, ids_without, new_tokens, repeats, info,
         checked = linalign.LinearAligner(model, tokenizer, step=check)
         checked.eos_ids = []
         run_provider(loops, "authors", ids_with, ids_without, new_tokens, aligner=checked)
-    dtype = str(next(loops["linalign"].model.parameters()).dtype).replace("torch.", "")
+    dtype = model_dtype(loops["linalign"].model)
     case = dict(model=label, B=len(ids_without), new_tokens=new_tokens, dtype=dtype,
                 repeats=repeats)
     results, med = [], {}
@@ -274,13 +315,17 @@ def measure(label, loops, ids_with, ids_without, new_tokens, repeats, info,
     checks = token_checks(tokens, check)
     for ok, text in checks:
         print(f"#   tokens {'ok' if ok else 'FAILED'}: {text}")
+    for text in packed_against_fp32(tokens):
+        print(f"#   {text}")
     sys.stdout.flush()
     return results, checks
 
 
-def smollm2_cases(args):
+def smollm2_cases(args, providers):
     model, tokenizer = linalign.load_default_model()
-    loops = aligners(model, tokenizer)
+    exact = linalign.load_default_model(packed=False)[0] if set(EXACT) & set(providers) \
+        else None
+    loops = aligners(model, tokenizer, exact)
     for B in args.batch:
         prompts = (PROMPTS * B)[:B]
         withs, ids_without = loops["linalign"].branches(prompts,
@@ -335,20 +380,25 @@ def _forward_ms(model, cache_kw, R, pad, L=60, steps=30):
 def forward_cost(args):
     """Why stacking costs on a CPU: one decode forward of the embedded model for R rows,
     without and with left padding (rows 1.. padded by 10 of 60 prompt positions), median
-    step time over 30 cached steps, median of 3 interleaved runs; and one 576 x 1536 linear
-    layer for 1 and 2 rows (BLAS matrix-vector against matrix-matrix). Printed only."""
+    step time over 30 cached steps, median of 3 interleaved runs, for the exact fp32 model
+    and the default packed one; and one 576 x 1536 linear layer for 1 and 2 rows (BLAS
+    matrix-vector against matrix-matrix). Printed only."""
     from linalign.decoding import ModelCall
 
-    model, _ = linalign.load_default_model()
-    cache_kw = ModelCall.of(model).cache_kw  # "cache" or "past_key_values"
-    cases = [(1, 0), (2, 0), (2, 10), (8, 0), (8, 10), (16, 0), (16, 10)]
+    models = {"fp32": linalign.load_default_model(packed=False)[0],
+              "packed": linalign.load_default_model()[0]}
+    cache_kw = ModelCall.of(models["fp32"]).cache_kw  # "cache" or "past_key_values"
+    cases = [(w, R, pad) for R, pad in [(1, 0), (2, 0), (2, 10), (8, 0), (8, 10), (16, 0),
+                                        (16, 10)] for w in models]
     runs = {c: [] for c in cases}
     for _ in range(3):
         for c in cases:
-            runs[c].append(_forward_ms(model, cache_kw, *c))
-    print(f"# decode forward of SmolLM2-135M, {args.threads} thread(s), median ms")
-    for (R, pad), v in runs.items():
-        print(f"rows {R:>2}  {'padded' if pad else 'no pad':>7}  {statistics.median(v):7.1f} ms")
+            runs[c].append(_forward_ms(models[c[0]], cache_kw, *c[1:]))
+    print(f"# decode forward of SmolLM2-135M, {args.threads} thread(s), median ms "
+          f"(packed: {packed_layers(models['packed'])} linear layers with fp16 weights)")
+    for (w, R, pad), v in runs.items():
+        print(f"{w:>6}  rows {R:>2}  {'padded' if pad else 'no pad':>7}  "
+              f"{statistics.median(v):7.1f} ms")
     lin = torch.nn.Linear(576, 1536)
     with torch.inference_mode():
         for R in (1, 2):
@@ -374,7 +424,8 @@ def report_blocks(path):
     for r in run:
         model = r.case["model"] + (f" ({r.case['dtype']})" if "dtype" in r.case else "")
         cells.setdefault((model, int(r.case["B"])), {})[r.provider] = r.median
-    providers = [p for p in PROVIDERS + VARIANTS if any(p in med for med in cells.values())]
+    providers = [p for p in PROVIDERS + EXACT + VARIANTS
+                 if any(p in med for med in cells.values())]
     labels = [lab for lab, _ in ratios({p: 1.0 for p in providers}, providers)]
     header = ["model", "B", *providers, *(lab.replace("/", " / ") for lab in labels)]
     lines = [[model, B, *(f"{med[p]:.1f}" if p in med else "-" for p in providers),
@@ -405,8 +456,9 @@ def parser():
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="random models' dtype (default bfloat16 on GPU, float32 on CPU)")
     ap.add_argument("--providers", default=None, help="comma-separated, from "
-                    f"{','.join(PROVIDERS)} (default: all with --device cuda, the first four "
-                    "on the CPU)")
+                    f"{','.join(PROVIDERS + EXACT)} (default: the first six with --device "
+                    "cuda; on the CPU the first four, with plain-fp32 and stacked-fp32 for the "
+                    "embedded model)")
     ap.add_argument("--quick", action="store_true", help="B = 1, 16 tokens, one repeat")
     ap.add_argument("--variants", action="store_true", help="add kl mode and 2 and 3 "
                     "principles (kl, K2, K3; with -fast versions where stacked-fast runs) "
@@ -421,15 +473,21 @@ def parser():
 
 
 def chosen_providers(ap, args, device):
+    embedded = (args.model or ("smollm2" if device.type == "cpu" else "random")) == "smollm2"
     providers = tuple(args.providers.split(",")) if args.providers else \
-        (PROVIDERS if device.type == "cuda" else SLOW)
+        (PROVIDERS if device.type == "cuda" else SLOW + (EXACT if embedded else ()))
     if args.variants:
         providers += tuple(v for v in VARIANTS if not v.endswith("-fast") or
                            "stacked-fast" in providers)
-    unknown = set(providers) - set(PROVIDERS + VARIANTS)
+    unknown = set(providers) - set(PROVIDERS + VARIANTS + EXACT)
     if unknown or "plain" not in providers:
         ap.error(f"--providers: unknown {sorted(unknown)}" if unknown else
                  "--providers must include plain (the baseline)")
+    if set(EXACT) & set(providers) and not embedded:
+        ap.error("--providers: plain-fp32 and stacked-fp32 are for the embedded model (the "
+                 "default on the CPU, --model smollm2)")
+    if "stacked-fp32" in providers and "plain-fp32" not in providers:
+        ap.error("--providers: stacked-fp32 needs plain-fp32 (its baseline)")
     if "stacked-fast" in providers and "plain-fast" not in providers:
         ap.error("--providers: stacked-fast needs plain-fast (its baseline)")
     if any(v in providers for v in VARIANTS) and "stacked" not in providers:
@@ -461,7 +519,7 @@ def main(argv=None):
                    ratios({p: 1.0 for p in providers}, providers)))
     args.model = args.model or ("smollm2" if device.type == "cpu" else "random")
     args.dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
-    cases = smollm2_cases(args) if args.model == "smollm2" else random_cases(args)
+    cases = smollm2_cases(args, providers) if args.model == "smollm2" else random_cases(args)
     out = args.out or os.path.join(common.RESULTS, f"decode_{device.type}.csv")
     n, failed = 0, 0
     for label, loops, ids_with, ids_without in cases:
