@@ -78,8 +78,10 @@ def fits_fp16(linear: nn.Linear) -> bool:
 
 
 def packable(model) -> bool:
-    """A model ``pack_linears`` speeds up: its parameters fp32 on the CPU, with linear layers
-    not packed yet, on a CPU and torch that run FBGEMM's fp16 product."""
+    """A model ``pack_linears`` speeds up: a module, its parameters fp32 on the CPU, with
+    linear layers not packed yet, on a CPU and torch that run FBGEMM's fp16 product."""
+    if not isinstance(model, nn.Module):
+        return False
     params = list(model.parameters())
     return bool(params) and params[0].device.type == "cpu" and \
         params[0].dtype == torch.float32 and \
