@@ -5,6 +5,7 @@
     python benchmarks/bench_decode.py --device cuda   # GPU: random-weight Llama 1B and 8B, bf16
     python benchmarks/bench_decode.py --report benchmarks/results/decode_cpu.csv  # README tables
     python benchmarks/bench_decode.py --forward-cost  # the model's own cost of more rows
+    python benchmarks/bench_decode.py --linear-cost   # its linear layers by kind of product
     python benchmarks/bench_decode.py --providers plain,stacked,plain-fp32,stacked-fp32 \
         --batch 1 --repeats 5                         # packed against fp32, plain and LA
 
@@ -69,7 +70,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import linalign  # noqa: E402
 from linalign.baselines import authors_as_step  # noqa: E402
-from linalign.packed_linear import pack_linears, packed_layers  # noqa: E402
+from linalign.packed_linear import Fp16Linear, pack_linears, packed_layers  # noqa: E402
 import common  # noqa: E402
 
 PROMPTS = [
@@ -407,6 +408,81 @@ def forward_cost(args):
             print(f"linear 576x1536, {R} row(s): {best * 1e6:.0f} us")
 
 
+#: (out, in) features of a SmolLM2-135M block's linear layers: q, k, v, o, gate, up, down.
+BLOCK_LINEARS = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576),
+                 (576, 1536)]
+
+
+def _q4_1_like(out_f, in_f, g):
+    """Random (codes, scale, minimum, fp32 weight) on a Q4_1 grid: 4-bit codes and an fp16
+    scale and minimum per 32 inputs, as the embedded model's layers are stored."""
+    q = torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.int32)
+    scale = (torch.rand(out_f, in_f // 32, generator=g) * 0.01 + 0.001).half().float()
+    minimum = (-torch.rand(out_f, in_f // 32, generator=g) * 0.05).half().float()
+    w = (q.view(out_f, -1, 32).float() * scale[..., None] + minimum[..., None])
+    return q, scale, minimum, w.view(out_f, in_f)
+
+
+def product_kinds(w, codes=None):
+    """name -> function x [R, in] fp32 -> [R, out] fp32, for one weight ``w`` [out, in]:
+    the ways of running a linear layer on the CPU that were measured (``codes``: the Q4_1
+    (codes, scale, minimum) of ``w``, for the int4 kernel)."""
+    mk = torch.ops.mkldnn
+    p32, pbf = mk._reorder_linear_weight(w, None), mk._reorder_linear_weight(w.bfloat16(), None)
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    fp16 = Fp16Linear(lin)
+    out = {"fp32 MKL": lambda x: torch.nn.functional.linear(x, w),
+           "fp32 oneDNN packed": lambda x: mk._linear_pointwise(x, p32, None, "none", [], ""),
+           "bf16 oneDNN packed": lambda x: mk._linear_pointwise(
+               x.bfloat16(), pbf, None, "none", [], "").float(),
+           "fp16 FBGEMM (default)": fp16}
+    if codes is not None:
+        q, scale, minimum = codes
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        sz = torch.stack([scale.t(), (minimum + 8 * scale).t()], -1).bfloat16().contiguous()
+        out["int4 Q4_1 codes, bf16"] = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.bfloat16(), packed, 32, sz).float()
+    return out
+
+
+def linear_cost(args, rounds=9):
+    """The embedded model's linear layers by kind of product, for 1 and 2 rows: the 210
+    layers of its 30 blocks (distinct random weights on a Q4_1 grid, so they come from
+    memory as in a forward) and its 49152 x 576 output layer; median thread CPU time
+    (``time.thread_time``, steadier than wall time on a shared machine) of ``rounds``
+    interleaved rounds. Printed only."""
+    g = torch.Generator().manual_seed(0)
+    blocks = [_q4_1_like(o, i, g) for _ in range(30) for o, i in BLOCK_LINEARS]
+    layers = [(w.shape[1], product_kinds(w, (q, sc, mn))) for q, sc, mn, w in blocks]
+    head = [(576, product_kinds(torch.randn(49152, 576, generator=g) * 0.05))]
+    del blocks
+    times = {}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for R in (1, 2):
+                xs = {i: torch.randn(R, i, generator=g) for i in (576, 1536)}
+                for part, kinds in (("blocks", layers), ("head", head)):
+                    for name in kinds[0][1]:
+                        t0 = time.thread_time()
+                        for in_f, layer in kinds:
+                            layer[name](xs[in_f])
+                        times.setdefault((part, name, R), []).append(time.thread_time() - t0)
+    print(f"# linear layers of SmolLM2-135M, {args.threads} thread(s), median thread CPU ms "
+          f"of {rounds} rounds")
+    print(f"{'product':>22} {'blocks 1':>9} {'blocks 2':>9} {'2 / 1':>6} {'head 1':>8} "
+          f"{'head 2':>8} {'2 / 1':>6}")
+    for name in layers[0][1]:
+        cells = []
+        for part in ("blocks", "head"):
+            one, two = (statistics.median(times[(part, name, R)]) * 1e3
+                        if (part, name, R) in times else None for R in (1, 2))
+            cells.append("        -        -      -" if one is None else
+                         f"{one:>9.2f} {two:>9.2f} {two / one:>6.2f}")
+        print(f"{name:>22} " + " ".join(cells))
+
+
 # ---------------------------------------------------------------------------- report
 def report(path):
     return "\n\n".join(report_blocks(path))
@@ -468,7 +544,11 @@ def parser():
     ap.add_argument("--report", metavar="CSV", help="print the Markdown table of the latest "
                     "run in CSV (as the README shows it) and exit")
     ap.add_argument("--forward-cost", action="store_true", help="time the embedded model's "
-                    "decode forward for 1 to 16 rows, with and without padding, and exit")
+                    "decode forward for 1 to 16 rows, with and without padding, fp32 and "
+                    "packed, and exit")
+    ap.add_argument("--linear-cost", action="store_true", help="time the embedded model's "
+                    "linear layers for 1 and 2 rows by kind of product (fp32, oneDNN fp32 "
+                    "and bf16, int4, FBGEMM fp16) and exit")
     return ap
 
 
@@ -503,6 +583,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.forward_cost:
         return forward_cost(args)
+    if args.linear_cost:
+        return linear_cost(args)
     args.batch = [int(b) for b in args.batch.split(",")]
     args.shapes = args.shapes.split(",")
     repeats = args.repeats or (3 if args.device == "cpu" else 5)
@@ -542,7 +624,12 @@ def _tiny_run(providers, repeats=2, new_tokens=4):
     from linalign.testing import ByteTokenizer, random_llama
 
     torch.set_num_threads(1)
-    loops = aligners(random_llama("tiny", logit_std=1.5), ByteTokenizer())
+    exact = None
+    model = random_llama("tiny", logit_std=1.5)
+    if set(EXACT) & set(providers):  # as on the embedded model: the default packed
+        exact = random_llama("tiny", logit_std=1.5)
+        pack_linears(model)
+    loops = aligners(model, ByteTokenizer(), exact)
     withs, ids_without = loops["linalign"].branches(PROMPTS[:2],
                                                     [[PRINCIPLE, *MORE_PRINCIPLES]] * 2)
     info = common.run_info(torch.device("cpu"), 1)
@@ -593,3 +680,24 @@ def test_authors_check_explains_a_tie_at_the_top_p_edge():
           top_p=torch.tensor([0.7, 0.7]), greedy=True)
     assert len(check.ties) == 1 and not check.unexplained
     assert "tied" in check.ties[0][2]
+
+
+def test_packed_and_fp32_providers_side_by_side():
+    """plain and stacked on a packed tiny model beside plain-fp32 and stacked-fp32 on the
+    exact one: their ratios (stacked / plain, stacked-fp32 / plain-fp32, and the packed
+    speed-up plain / plain-fp32), the token comparison lines, and the report's columns."""
+    if not linalign.packed_linear.cpu_can_pack():
+        import pytest
+        pytest.skip("torch without FBGEMM here")
+    providers = ("plain", "stacked", "plain-fp32", "stacked-fp32")
+    results, checks = _tiny_run(providers)
+    assert all(ok for ok, _ in checks), checks
+    decode = [r for r in results if r.bench == "decode"]
+    assert [r.provider for r in decode] == list(providers)
+    assert {r.case["dtype"] for r in decode} == {"packed"}
+    med = {r.provider: r.median for r in decode}
+    assert [lab for lab, _ in ratios(med, providers)] == [
+        "plain/plain-fp32", "stacked/plain", "stacked-fp32/plain-fp32"]
+    lines = packed_against_fp32({p: [[[1, 2], [3, 4]]] for p in providers})
+    assert lines == [f"packed {p} against {p}-fp32: 2 of 2 rows the same greedy tokens"
+                     for p in ("plain", "stacked")]

@@ -27,13 +27,14 @@ from torch import nn
 #: The largest finite fp16 value: a layer with a larger weight is not packed.
 FP16_MAX = 65504.0
 
+# torch marks the FBGEMM fp16 functions deprecated (a warning once per process, at the first
+# pack and the first product); they are what the pinned torch has for fp16 weights with fp32
+# activations, and a command prints its answer, not that warning.
+warnings.filterwarnings("ignore", message=r"fbgemm_\w+ is deprecated", category=UserWarning)
+
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
-    with warnings.catch_warnings():
-        # torch marks the FBGEMM fp16 functions deprecated (warned once per process); they
-        # are what the pinned torch has for fp16 weights with fp32 activations
-        warnings.simplefilter("ignore")
-        return torch.fbgemm_pack_gemm_matrix_fp16(weight.detach().float().contiguous())
+    return torch.fbgemm_pack_gemm_matrix_fp16(weight.detach().float().contiguous())
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,10 +44,7 @@ def cpu_can_pack() -> bool:
     if not hasattr(torch, "fbgemm_pack_gemm_matrix_fp16"):
         return False
     try:
-        layer = Fp16Linear(nn.Linear(64, 32))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = layer(torch.ones(2, 64))
+        out = Fp16Linear(nn.Linear(64, 32))(torch.ones(2, 64))
     except RuntimeError:  # "Your CPU does not support FBGEMM", a build without it
         return False
     return out.shape == (2, 32) and bool(torch.isfinite(out).all())
