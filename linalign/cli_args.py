@@ -124,7 +124,7 @@ def add_model_arguments(parser, *, modes=True):
                    "cuda when there is one, under torchrun the local rank's GPU)")
     g.add_argument("--dtype", choices=DTYPES, default="auto", help="model weights (default "
                    "auto: bfloat16 on a GPU; on the CPU float32 with the embedded model's "
-                   "linear layers packed with fp16 weights, about 3 times faster; float32: "
+                   "linear layers packed with fp16 weights, over twice as fast; float32: "
                    "the exact fp32 model)")
     g.add_argument("--fast", action="store_true", help="static KV cache and, on a GPU, one "
                    "CUDA graph per decoding step (same tokens; docs/decoder.md)")
