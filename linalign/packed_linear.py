@@ -69,6 +69,16 @@ class Fp16Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp16 weight"
 
+    def _apply(self, fn, recurse=True):
+        # model.to(...), .cuda(), .half(): FBGEMM's packed weight lives on the CPU and takes
+        # fp32 activations, so anything else is refused in one line, not failed later
+        probe = fn(torch.zeros(1))
+        if probe.device.type != "cpu" or probe.dtype != torch.float32:
+            raise ValueError(f"a model packed for the CPU (linalign.packed_linear) cannot move "
+                             f"to {probe.device.type} / {probe.dtype}: load it with "
+                             "packed=False (load_default_model, load_model)")
+        return super()._apply(fn, recurse)
+
 
 def fits_fp16(linear: nn.Linear) -> bool:
     """The layer's weights are finite and within fp16's range (a NaN fails too)."""

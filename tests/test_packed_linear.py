@@ -78,6 +78,17 @@ def test_pack_linears_replaces_every_linear_and_keeps_the_model_close():
 
 
 @needs_fbgemm
+def test_a_packed_model_refuses_to_move():
+    model = random_llama("tiny", logit_std=1.5)
+    pack_linears(model)
+    model.to("cpu").float().eval()  # where it is: fine
+    for move in (lambda m: m.half(), lambda m: m.to(torch.bfloat16),
+                 lambda m: m.to("meta")):
+        with pytest.raises(ValueError, match="cannot move to .* load it with packed=False"):
+            move(model)
+
+
+@needs_fbgemm
 def test_a_layer_outside_fp16_stays_fp32():
     model = random_llama("tiny", logit_std=1.5)
     with torch.no_grad():
