@@ -58,6 +58,9 @@ class Fp16Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = _pack(linear.weight)
+        # for code that reads a layer's shape (model.get_output_embeddings().weight.shape):
+        # a tensor without storage, which fails loudly if anything computes with it
+        self.weight = torch.empty(linear.weight.shape, device="meta")
         self.bias = torch.zeros(self.out_features) if linear.bias is None else \
             linear.bias.detach().float().contiguous()
 

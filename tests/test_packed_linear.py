@@ -35,6 +35,9 @@ def test_fp16_linear_is_the_fp16_rounded_product(bias):
         # fp32 accumulation over 576 products: far below the fp16 rounding of the weights
         assert (y.double() - ref).abs().max() < 1e-4
         assert (layer(x).double() - ref).abs().max() > 1e-5  # fp16 rounding is visible
+    # the weight's shape is readable; its values live only in the packed form
+    assert packed.weight.shape == (1536, 576) and packed.weight.device.type == "meta"
+    assert not list(packed.parameters())
 
 
 @needs_fbgemm
