@@ -7,7 +7,7 @@
     python benchmarks/bench_decode.py --forward-cost  # the model's own cost of more rows
     python benchmarks/bench_decode.py --linear-cost   # its linear layers by kind of product
     python benchmarks/bench_decode.py --providers plain,stacked,plain-fp32,stacked-fp32 \
-        --batch 1 --repeats 5                         # packed against fp32, plain and LA
+        --batch 1,8 --repeats 5                       # packed against fp32, plain and LA
 
 Providers, all in linalign's loop (``LinearAligner``), greedy, with the authors' HH setting
 given explicitly (ratio 3, T 0.5, top-p 0.8; the library's default ratio is 1.0,

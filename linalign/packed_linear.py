@@ -65,6 +65,7 @@ class Fp16Linear(nn.Module):
             linear.bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in_features] fp32 -> [..., out_features] fp32
         y = torch.fbgemm_linear_fp16_weight(x.reshape(-1, self.in_features).float(),
                                             self.packed, self.bias)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
