@@ -134,3 +134,12 @@ def test_the_embedded_model_is_packed_by_default():
     assert model.model.embed_tokens.weight.dtype == torch.float32  # the input table stays
     exact, _ = models.load_default_model(packed=False)
     assert packed_layers(exact) == 0 and type(exact.lm_head) is nn.Linear
+
+
+@pytest.mark.embedded_model
+@needs_fbgemm
+def test_a_model_folder_is_packed_only_when_asked():
+    models.load_default_model(packed=False)  # makes sure the converted folder exists
+    folder = next(models.cache_root().glob("*/linalign.json")).parent
+    assert packed_layers(models.load_model(folder)[0]) == 0
+    assert packed_layers(models.load_model(folder, packed=True)[0]) == 211
