@@ -5,6 +5,9 @@
     python benchmarks/bench_decode.py --device cuda   # GPU: random-weight Llama 1B and 8B, bf16
     python benchmarks/bench_decode.py --report benchmarks/results/decode_cpu.csv  # README tables
     python benchmarks/bench_decode.py --forward-cost  # the model's own cost of more rows
+    python benchmarks/bench_decode.py --linear-cost   # its linear layers by kind of product
+    python benchmarks/bench_decode.py --providers plain,stacked,plain-fp32,stacked-fp32 \
+        --batch 1,8 --repeats 5                       # packed against fp32, plain and LA
 
 Providers, all in linalign's loop (``LinearAligner``), greedy, with the authors' HH setting
 given explicitly (ratio 3, T 0.5, top-p 0.8; the library's default ratio is 1.0,
@@ -22,6 +25,12 @@ linalign.options.DEFAULT_RATIO):
               step replayed as a CUDA graph. Default with --device cuda (--providers to
               choose; on the CPU there is no graph, only the static cache). Their warm-up
               runs the measured shape once, so graph capture is not timed.
+  plain-fp32, stacked-fp32
+              (CPU, embedded model; in the default CPU set) plain and stacked on the exact
+              fp32 model (``load_default_model(packed=False)``), while the providers above
+              run the default, whose linear layers are packed (``linalign.packed_linear``:
+              fp16 weights, fp32 activations, FBGEMM). Their ratios: stacked-fp32 against
+              plain-fp32, and plain against plain-fp32 (the packed model's speed-up).
   kl, K2, K3  (--variants; and kl-fast, K2-fast, K3-fast with fast=True) the stacked loop in
               kl mode (budget 1 nat) and with 2 and 3 principles (one forward of 3B and 4B
               rows per step); their ratios are against stacked (stacked-fast).
@@ -30,7 +39,8 @@ do the same work. tokens/s = B * new tokens / decode seconds (the prefill forwar
 it is recorded as "prefill" rows); median and interquartile spread over --repeats runs
 (common.median_spread), the providers interleaved so that drift hits all alike. The ratios
 printed are against "plain" (the fast one against "plain-fast"); the goal is
-stacked / plain >= 0.9.
+stacked / plain >= 0.9. The packed and the fp32 model's greedy tokens are compared too
+(printed, not a check: the weights' fp16 rounding may move a near-tie).
 
 The tokens are checked after timing (``token_checks``): every run of a provider gives the
 same tokens; plain and plain-fast give the same tokens, and so do stacked, two-caches and
@@ -42,7 +52,8 @@ authors' sort keeps one of the tied tokens and linalign keeps all); and its deco
 must equal two-caches' unless such a tie came up. A failed check is printed with its rows
 and positions, and the command then exits with status 1 (the rows are written anyway).
 
-CPU: the embedded SmolLM2-135M-Instruct (fp32), torch threads fixed (default 1), the chat
+CPU: the embedded SmolLM2-135M-Instruct (its default: fp32 with packed linear layers; and
+the exact fp32 model for the -fp32 providers), torch threads fixed (default 1), the chat
 prompts below. GPU (or --model random): Llama-shaped models with random bf16 weights
 (linalign.testing.random_llama; the 1B and 8B shapes, logits scaled to be peaked) and random
 prompt ids of 64 to 128 tokens, the with-branch 24 tokens longer.
@@ -59,6 +70,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import linalign  # noqa: E402
 from linalign.baselines import authors_as_step  # noqa: E402
+from linalign.packed_linear import Fp16Linear, pack_linears, packed_layers  # noqa: E402
 import common  # noqa: E402
 
 PROMPTS = [
@@ -75,21 +87,26 @@ PRINCIPLE = "Answer like a pirate."
 MORE_PRINCIPLES = ["Be brief.", "Use simple words."]  # the K = 2 and 3 variants
 SETTING = dict(ratio=3.0, temperature=0.5, top_p=0.8, greedy=True)  # explicit, not defaults
 PROVIDERS = ("plain", "stacked", "two-caches", "authors", "plain-fast", "stacked-fast")
-SLOW = PROVIDERS[:4]  # the CPU default
+SLOW = PROVIDERS[:4]  # the CPU default, with EXACT on the embedded model
+EXACT = ("plain-fp32", "stacked-fp32")  # the exact fp32 model (the default is packed)
 VARIANTS = ("kl", "K2", "K3", "kl-fast", "K2-fast", "K3-fast")  # --variants
 SAME_TOKENS = (("plain", "plain-fast"), ("stacked", "two-caches", "stacked-fast"),
                ("kl", "kl-fast"), ("K2", "K2-fast"), ("K3", "K3-fast"))
 SHORT = {"stacked/plain": "st/pl", "two-caches/plain": "2c/pl", "authors/plain": "au/pl",
          "stacked-fast/plain-fast": "sf/pf", "kl/stacked": "kl/st", "K2/stacked": "K2/st",
          "K3/stacked": "K3/st", "kl-fast/stacked-fast": "klf/sf",
-         "K2-fast/stacked-fast": "K2f/sf", "K3-fast/stacked-fast": "K3f/sf"}
+         "K2-fast/stacked-fast": "K2f/sf", "K3-fast/stacked-fast": "K3f/sf",
+         "stacked-fp32/plain-fp32": "sx/px", "plain/plain-fp32": "pl/px"}
 
 
-def aligners(model, tokenizer):
+def aligners(model, tokenizer, exact=None):
     """The loops the providers run: linalign's step, and the authors' step (two aligners
-    over the same model); end of sequence ignored, so every row does the same work."""
+    over the same model), and linalign's on ``exact`` (the -fp32 providers' model) when
+    given; end of sequence ignored, so every row does the same work."""
     out = {"linalign": linalign.LinearAligner(model, tokenizer),
            "authors": linalign.LinearAligner(model, tokenizer, step=authors_as_step)}
+    if exact is not None:
+        out["fp32"] = linalign.LinearAligner(exact, tokenizer)
     for aligner in out.values():
         aligner.eos_ids = []
     return out
@@ -99,8 +116,9 @@ def run_provider(loops, name, ids_with, ids_without, new_tokens, aligner=None):
     """One decoding run of provider ``name``. ``ids_with``: the principle branches' rows,
     one list per principle (3 for the K variants; the first is the one-principle branch).
     ``aligner``: run on this one instead of the provider's own (the authors' check)."""
-    aligner = aligner or loops["authors" if name == "authors" else "linalign"]
-    fast, kind = name.endswith("-fast"), name.removesuffix("-fast")
+    aligner = aligner or loops["authors" if name == "authors" else
+                               "fp32" if name in EXACT else "linalign"]
+    fast, kind = name.endswith("-fast"), name.removesuffix("-fast").removesuffix("-fp32")
     common_kw = dict(max_new_tokens=new_tokens, fast=fast, temperature=SETTING["temperature"],
                      top_p=SETTING["top_p"], greedy=SETTING["greedy"])
     if kind in ("kl", "K2", "K3"):
@@ -119,13 +137,15 @@ def run_provider(loops, name, ids_with, ids_without, new_tokens, aligner=None):
 
 def ratios(med, providers):
     """(label, value) of each provider against its baseline: plain, or plain-fast; the
-    variants against stacked, or stacked-fast."""
+    variants against stacked, or stacked-fast; stacked-fp32 against plain-fp32; and plain
+    against plain-fp32 (the packed model's speed-up)."""
     out = []
     for p in providers:
-        base = "plain-fast" if p == "stacked-fast" else "plain"
+        base = {"stacked-fast": "plain-fast", "plain": "plain-fp32",
+                "stacked-fp32": "plain-fp32"}.get(p, "plain")
         if p in VARIANTS:
             base = "stacked-fast" if p.endswith("-fast") else "stacked"
-        if p not in ("plain", "plain-fast") and base in med:
+        if p not in ("plain-fast", "plain-fp32") and p != base and base in med:
             out.append((f"{p}/{base}", med[p] / med[base]))
     return out
 
@@ -179,6 +199,28 @@ class AuthorsCheck:
                 (self.calls, row, f"step {self.calls}, row {row}: linalign {a}, authors {b}"
                  + (f" ({why})" if why else "")))
         return theirs
+
+
+def packed_against_fp32(tokens):
+    """Lines saying how many rows the packed model (plain, stacked) decodes to the same
+    greedy tokens as the exact fp32 model (plain-fp32, stacked-fp32), and where the others
+    first differ: a comparison, not a check (fp16 weights may move a near-tie)."""
+    out = []
+    for p in ("plain", "stacked"):
+        if p in tokens and f"{p}-fp32" in tokens:
+            a, b = tokens[p][0], tokens[f"{p}-fp32"][0]
+            bad = first_difference(a, b)
+            out.append(f"packed {p} against {p}-fp32: {len(a) - len(bad)} of {len(a)} rows the "
+                       "same greedy tokens" + (f"; the others differ from (row, position) "
+                                               f"{bad[:4]}" if bad else ""))
+    return out
+
+
+def model_dtype(model) -> str:
+    """The results' dtype field: the weights' dtype, or "packed" for a packed model."""
+    if packed_layers(model):
+        return "packed"
+    return str(next(model.parameters()).dtype).replace("torch.", "")
 
 
 def first_difference(a, b):
@@ -259,7 +301,7 @@ def measure(label, loops, ids_with, ids_without, new_tokens, repeats, info,
         checked = linalign.LinearAligner(model, tokenizer, step=check)
         checked.eos_ids = []
         run_provider(loops, "authors", ids_with, ids_without, new_tokens, aligner=checked)
-    dtype = str(next(loops["linalign"].model.parameters()).dtype).replace("torch.", "")
+    dtype = model_dtype(loops["linalign"].model)
     case = dict(model=label, B=len(ids_without), new_tokens=new_tokens, dtype=dtype,
                 repeats=repeats)
     results, med = [], {}
@@ -274,13 +316,17 @@ def measure(label, loops, ids_with, ids_without, new_tokens, repeats, info,
     checks = token_checks(tokens, check)
     for ok, text in checks:
         print(f"#   tokens {'ok' if ok else 'FAILED'}: {text}")
+    for text in packed_against_fp32(tokens):
+        print(f"#   {text}")
     sys.stdout.flush()
     return results, checks
 
 
-def smollm2_cases(args):
+def smollm2_cases(args, providers):
     model, tokenizer = linalign.load_default_model()
-    loops = aligners(model, tokenizer)
+    exact = linalign.load_default_model(packed=False)[0] if set(EXACT) & set(providers) \
+        else None
+    loops = aligners(model, tokenizer, exact)
     for B in args.batch:
         prompts = (PROMPTS * B)[:B]
         withs, ids_without = loops["linalign"].branches(prompts,
@@ -335,26 +381,106 @@ def _forward_ms(model, cache_kw, R, pad, L=60, steps=30):
 def forward_cost(args):
     """Why stacking costs on a CPU: one decode forward of the embedded model for R rows,
     without and with left padding (rows 1.. padded by 10 of 60 prompt positions), median
-    step time over 30 cached steps, median of 3 interleaved runs; and one 576 x 1536 linear
-    layer for 1 and 2 rows (BLAS matrix-vector against matrix-matrix). Printed only."""
+    step time over 30 cached steps, median of 3 interleaved runs, for the exact fp32 model
+    and the default packed one; and one 576 x 1536 linear layer for 1 and 2 rows (BLAS
+    matrix-vector against matrix-matrix). Printed only."""
     from linalign.decoding import ModelCall
 
-    model, _ = linalign.load_default_model()
-    cache_kw = ModelCall.of(model).cache_kw  # "cache" or "past_key_values"
-    cases = [(1, 0), (2, 0), (2, 10), (8, 0), (8, 10), (16, 0), (16, 10)]
+    models = {"fp32": linalign.load_default_model(packed=False)[0],
+              "packed": linalign.load_default_model()[0]}
+    cache_kw = ModelCall.of(models["fp32"]).cache_kw  # "cache" or "past_key_values"
+    cases = [(w, R, pad) for R, pad in [(1, 0), (2, 0), (2, 10), (8, 0), (8, 10), (16, 0),
+                                        (16, 10)] for w in models]
     runs = {c: [] for c in cases}
     for _ in range(3):
         for c in cases:
-            runs[c].append(_forward_ms(model, cache_kw, *c))
-    print(f"# decode forward of SmolLM2-135M, {args.threads} thread(s), median ms")
-    for (R, pad), v in runs.items():
-        print(f"rows {R:>2}  {'padded' if pad else 'no pad':>7}  {statistics.median(v):7.1f} ms")
+            runs[c].append(_forward_ms(models[c[0]], cache_kw, *c[1:]))
+    print(f"# decode forward of SmolLM2-135M, {args.threads} thread(s), median ms "
+          f"(packed: {packed_layers(models['packed'])} linear layers with fp16 weights)")
+    for (w, R, pad), v in runs.items():
+        print(f"{w:>6}  rows {R:>2}  {'padded' if pad else 'no pad':>7}  "
+              f"{statistics.median(v):7.1f} ms")
     lin = torch.nn.Linear(576, 1536)
     with torch.inference_mode():
         for R in (1, 2):
             x = torch.randn(R, 576)
             best = min(timeit.repeat(lambda: lin(x), number=200, repeat=3)) / 200
             print(f"linear 576x1536, {R} row(s): {best * 1e6:.0f} us")
+
+
+#: (out, in) features of a SmolLM2-135M block's linear layers: q, k, v, o, gate, up, down.
+BLOCK_LINEARS = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576),
+                 (576, 1536)]
+
+
+def _q4_1_like(out_f, in_f, g):
+    """Random (codes, scale, minimum, fp32 weight) on a Q4_1 grid: 4-bit codes and an fp16
+    scale and minimum per 32 inputs, as the embedded model's layers are stored."""
+    q = torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.int32)
+    scale = (torch.rand(out_f, in_f // 32, generator=g) * 0.01 + 0.001).half().float()
+    minimum = (-torch.rand(out_f, in_f // 32, generator=g) * 0.05).half().float()
+    w = (q.view(out_f, -1, 32).float() * scale[..., None] + minimum[..., None])
+    return q, scale, minimum, w.view(out_f, in_f)
+
+
+def product_kinds(w, codes=None):
+    """name -> function x [R, in] fp32 -> [R, out] fp32, for one weight ``w`` [out, in]:
+    the ways of running a linear layer on the CPU that were measured (``codes``: the Q4_1
+    (codes, scale, minimum) of ``w``, for the int4 kernel)."""
+    mk = torch.ops.mkldnn
+    p32, pbf = mk._reorder_linear_weight(w, None), mk._reorder_linear_weight(w.bfloat16(), None)
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    fp16 = Fp16Linear(lin)
+    out = {"fp32 MKL": lambda x: torch.nn.functional.linear(x, w),
+           "fp32 oneDNN packed": lambda x: mk._linear_pointwise(x, p32, None, "none", [], ""),
+           "bf16 oneDNN packed": lambda x: mk._linear_pointwise(
+               x.bfloat16(), pbf, None, "none", [], "").float(),
+           "fp16 FBGEMM (default)": fp16}
+    if codes is not None:
+        q, scale, minimum = codes
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        sz = torch.stack([scale.t(), (minimum + 8 * scale).t()], -1).bfloat16().contiguous()
+        out["int4 Q4_1 codes, bf16"] = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.bfloat16(), packed, 32, sz).float()
+    return out
+
+
+def linear_cost(args, rounds=9):
+    """The embedded model's linear layers by kind of product, for 1 and 2 rows: the 210
+    layers of its 30 blocks (distinct random weights on a Q4_1 grid, so they come from
+    memory as in a forward) and its 49152 x 576 output layer; median thread CPU time
+    (``time.thread_time``, steadier than wall time on a shared machine) of ``rounds``
+    interleaved rounds. Printed only."""
+    g = torch.Generator().manual_seed(0)
+    blocks = [_q4_1_like(o, i, g) for _ in range(30) for o, i in BLOCK_LINEARS]
+    layers = [(w.shape[1], product_kinds(w, (q, sc, mn))) for q, sc, mn, w in blocks]
+    head = [(576, product_kinds(torch.randn(49152, 576, generator=g) * 0.05))]
+    del blocks
+    times = {}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for R in (1, 2):
+                xs = {i: torch.randn(R, i, generator=g) for i in (576, 1536)}
+                for part, kinds in (("blocks", layers), ("head", head)):
+                    for name in kinds[0][1]:
+                        t0 = time.thread_time()
+                        for in_f, layer in kinds:
+                            layer[name](xs[in_f])
+                        times.setdefault((part, name, R), []).append(time.thread_time() - t0)
+    print(f"# linear layers of SmolLM2-135M, {args.threads} thread(s), median thread CPU ms "
+          f"of {rounds} rounds")
+    print(f"{'product':>22} {'blocks 1':>9} {'blocks 2':>9} {'2 / 1':>6} {'head 1':>8} "
+          f"{'head 2':>8} {'2 / 1':>6}")
+    for name in layers[0][1]:
+        cells = []
+        for part in ("blocks", "head"):
+            one, two = (statistics.median(times[(part, name, R)]) * 1e3
+                        if (part, name, R) in times else None for R in (1, 2))
+            cells.append("        -        -      -" if one is None else
+                         f"{one:>9.2f} {two:>9.2f} {two / one:>6.2f}")
+        print(f"{name:>22} " + " ".join(cells))
 
 
 # ---------------------------------------------------------------------------- report
@@ -374,7 +500,8 @@ def report_blocks(path):
     for r in run:
         model = r.case["model"] + (f" ({r.case['dtype']})" if "dtype" in r.case else "")
         cells.setdefault((model, int(r.case["B"])), {})[r.provider] = r.median
-    providers = [p for p in PROVIDERS + VARIANTS if any(p in med for med in cells.values())]
+    providers = [p for p in PROVIDERS + EXACT + VARIANTS
+                 if any(p in med for med in cells.values())]
     labels = [lab for lab, _ in ratios({p: 1.0 for p in providers}, providers)]
     header = ["model", "B", *providers, *(lab.replace("/", " / ") for lab in labels)]
     lines = [[model, B, *(f"{med[p]:.1f}" if p in med else "-" for p in providers),
@@ -405,8 +532,9 @@ def parser():
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="random models' dtype (default bfloat16 on GPU, float32 on CPU)")
     ap.add_argument("--providers", default=None, help="comma-separated, from "
-                    f"{','.join(PROVIDERS)} (default: all with --device cuda, the first four "
-                    "on the CPU)")
+                    f"{','.join(PROVIDERS + EXACT)} (default: the first six with --device "
+                    "cuda; on the CPU the first four, with plain-fp32 and stacked-fp32 for the "
+                    "embedded model)")
     ap.add_argument("--quick", action="store_true", help="B = 1, 16 tokens, one repeat")
     ap.add_argument("--variants", action="store_true", help="add kl mode and 2 and 3 "
                     "principles (kl, K2, K3; with -fast versions where stacked-fast runs) "
@@ -416,20 +544,30 @@ def parser():
     ap.add_argument("--report", metavar="CSV", help="print the Markdown table of the latest "
                     "run in CSV (as the README shows it) and exit")
     ap.add_argument("--forward-cost", action="store_true", help="time the embedded model's "
-                    "decode forward for 1 to 16 rows, with and without padding, and exit")
+                    "decode forward for 1 to 16 rows, with and without padding, fp32 and "
+                    "packed, and exit")
+    ap.add_argument("--linear-cost", action="store_true", help="time the embedded model's "
+                    "linear layers for 1 and 2 rows by kind of product (fp32, oneDNN fp32 "
+                    "and bf16, int4, FBGEMM fp16) and exit")
     return ap
 
 
 def chosen_providers(ap, args, device):
+    embedded = (args.model or ("smollm2" if device.type == "cpu" else "random")) == "smollm2"
     providers = tuple(args.providers.split(",")) if args.providers else \
-        (PROVIDERS if device.type == "cuda" else SLOW)
+        (PROVIDERS if device.type == "cuda" else SLOW + (EXACT if embedded else ()))
     if args.variants:
         providers += tuple(v for v in VARIANTS if not v.endswith("-fast") or
                            "stacked-fast" in providers)
-    unknown = set(providers) - set(PROVIDERS + VARIANTS)
+    unknown = set(providers) - set(PROVIDERS + VARIANTS + EXACT)
     if unknown or "plain" not in providers:
         ap.error(f"--providers: unknown {sorted(unknown)}" if unknown else
                  "--providers must include plain (the baseline)")
+    if set(EXACT) & set(providers) and not embedded:
+        ap.error("--providers: plain-fp32 and stacked-fp32 are for the embedded model (the "
+                 "default on the CPU, --model smollm2)")
+    if "stacked-fp32" in providers and "plain-fp32" not in providers:
+        ap.error("--providers: stacked-fp32 needs plain-fp32 (its baseline)")
     if "stacked-fast" in providers and "plain-fast" not in providers:
         ap.error("--providers: stacked-fast needs plain-fast (its baseline)")
     if any(v in providers for v in VARIANTS) and "stacked" not in providers:
@@ -445,6 +583,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.forward_cost:
         return forward_cost(args)
+    if args.linear_cost:
+        return linear_cost(args)
     args.batch = [int(b) for b in args.batch.split(",")]
     args.shapes = args.shapes.split(",")
     repeats = args.repeats or (3 if args.device == "cpu" else 5)
@@ -461,7 +601,7 @@ def main(argv=None):
                    ratios({p: 1.0 for p in providers}, providers)))
     args.model = args.model or ("smollm2" if device.type == "cpu" else "random")
     args.dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
-    cases = smollm2_cases(args) if args.model == "smollm2" else random_cases(args)
+    cases = smollm2_cases(args, providers) if args.model == "smollm2" else random_cases(args)
     out = args.out or os.path.join(common.RESULTS, f"decode_{device.type}.csv")
     n, failed = 0, 0
     for label, loops, ids_with, ids_without in cases:
@@ -484,7 +624,12 @@ def _tiny_run(providers, repeats=2, new_tokens=4):
     from linalign.testing import ByteTokenizer, random_llama
 
     torch.set_num_threads(1)
-    loops = aligners(random_llama("tiny", logit_std=1.5), ByteTokenizer())
+    exact = None
+    model = random_llama("tiny", logit_std=1.5)
+    if set(EXACT) & set(providers):  # as on the embedded model: the default packed
+        exact = random_llama("tiny", logit_std=1.5)
+        pack_linears(model)
+    loops = aligners(model, ByteTokenizer(), exact)
     withs, ids_without = loops["linalign"].branches(PROMPTS[:2],
                                                     [[PRINCIPLE, *MORE_PRINCIPLES]] * 2)
     info = common.run_info(torch.device("cpu"), 1)
@@ -535,3 +680,24 @@ def test_authors_check_explains_a_tie_at_the_top_p_edge():
           top_p=torch.tensor([0.7, 0.7]), greedy=True)
     assert len(check.ties) == 1 and not check.unexplained
     assert "tied" in check.ties[0][2]
+
+
+def test_packed_and_fp32_providers_side_by_side():
+    """plain and stacked on a packed tiny model beside plain-fp32 and stacked-fp32 on the
+    exact one: their ratios (stacked / plain, stacked-fp32 / plain-fp32, and the packed
+    speed-up plain / plain-fp32), the token comparison lines, and the report's columns."""
+    if not linalign.packed_linear.cpu_can_pack():
+        import pytest
+        pytest.skip("torch without FBGEMM here")
+    providers = ("plain", "stacked", "plain-fp32", "stacked-fp32")
+    results, checks = _tiny_run(providers)
+    assert all(ok for ok, _ in checks), checks
+    decode = [r for r in results if r.bench == "decode"]
+    assert [r.provider for r in decode] == list(providers)
+    assert {r.case["dtype"] for r in decode} == {"packed"}
+    med = {r.provider: r.median for r in decode}
+    assert [lab for lab, _ in ratios(med, providers)] == [
+        "plain/plain-fp32", "stacked/plain", "stacked-fp32/plain-fp32"]
+    lines = packed_against_fp32({p: [[[1, 2], [3, 4]]] for p in providers})
+    assert lines == [f"packed {p} against {p}-fp32: 2 of 2 rows the same greedy tokens"
+                     for p in ("plain", "stacked")]

