@@ -116,25 +116,26 @@ def add_sampling_arguments(parser, *, options=SAMPLING_OPTIONS, max_new_tokens=N
     return g
 
 
+#: The real-valued penalties' flags: (option, metavar, help). docs/semantics.md, "Penalties".
+PENALTY_FLAGS = (
+    ("repetition_penalty", "R", "> 1 makes tokens already in the answer less likely, in both "
+                                "branches (Hugging Face's rule; 1: off)"),
+    ("presence_penalty", "P", "subtracted from the logit of every token already in the "
+                              "answer (OpenAI's rule; 0: off)"),
+    ("frequency_penalty", "F", "subtracted once per earlier occurrence in the answer "
+                               "(OpenAI's rule; 0: off)"),
+)
+
+
 def add_penalty_arguments(g, options):
     """``--repetition-penalty --presence-penalty --frequency-penalty --no-repeat-ngram-size
     --stop`` (those named in ``options``): docs/semantics.md, "Penalties", and
     docs/decoder.md, "Stop strings"."""
-    if "repetition_penalty" in options:
-        g.add_argument("--repetition-penalty", type=number("repetition_penalty"),
-                       default=_DEFAULTS.repetition_penalty, metavar="R",
-                       help="> 1 makes tokens already in the answer less likely, in both "
-                       "branches (Hugging Face's rule; default %(default)s: off)")
-    if "presence_penalty" in options:
-        g.add_argument("--presence-penalty", type=number("presence_penalty"),
-                       default=_DEFAULTS.presence_penalty, metavar="P",
-                       help="subtracted from the logit of every token already in the answer "
-                       "(OpenAI's rule; default %(default)s)")
-    if "frequency_penalty" in options:
-        g.add_argument("--frequency-penalty", type=number("frequency_penalty"),
-                       default=_DEFAULTS.frequency_penalty, metavar="F",
-                       help="subtracted once per earlier occurrence in the answer (OpenAI's "
-                       "rule; default %(default)s)")
+    for name, metavar, words in PENALTY_FLAGS:
+        if name in options:
+            g.add_argument("--" + name.replace("_", "-"), type=number(name),
+                           default=getattr(_DEFAULTS, name), metavar=metavar,
+                           help=words + " (default %(default)s)")
     if "no_repeat_ngram_size" in options:
         g.add_argument("--no-repeat-ngram-size", type=integer(name="no_repeat_ngram_size"),
                        default=_DEFAULTS.no_repeat_ngram_size, metavar="N",

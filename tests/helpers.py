@@ -1,5 +1,6 @@
-"""Checks shared by the test files: nucleus agreement within the rounding band, and a
-chi-square goodness-of-fit test of sampled tokens against the exact distribution."""
+"""Checks shared by the test files: nucleus agreement within the rounding band, a
+chi-square goodness-of-fit test of sampled tokens against the exact distribution, and a
+CUDA-graph capture that first proves the call never synchronises with the host."""
 import torch
 
 from linalign.reference import mass_above
@@ -141,3 +142,18 @@ def assert_same_or_near_tie(model, ids_with, ids_without, got, want, *, ratio, t
     assert gap < tol, (f"outputs differ at step {k} ({got[k]} vs {want[k]}) and it is not a "
                        f"near-tie: the decisive gap is {gap:.3g}")
     print(f"fp32 flip at step {k}: {got[k]} vs {want[k]}, decisive gap {gap:.2e} (near-tie)")
+
+
+def capture_without_sync(run):
+    """Run ``run`` once with any host synchronisation turned into an error, then capture it
+    in a CUDA graph. Returns (the graph, the static outputs its replays overwrite)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static = run()
+    return g, static

@@ -15,6 +15,7 @@ import torch
 
 import linalign
 from linalign.testing import two_branch
+from helpers import capture_without_sync
 
 LA = dict(ratio=3.0, temperature=0.5, top_p=0.8)
 gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -68,21 +69,6 @@ def test_zero_dim_device_tensors_are_not_read_back(device):
         d = linalign.step(zp, z0, **LA, seed=torch.tensor(9, device=device), offset=2,
                           check=False, backend=backend)
         assert torch.equal(d.tokens, b.tokens)
-
-
-def capture_without_sync(run):
-    """Run ``run`` once with any host synchronisation turned into an error, then capture it
-    in a CUDA graph. Returns (the graph, the static outputs its replays overwrite)."""
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static = run()
-    return g, static
 
 
 @gpu_only

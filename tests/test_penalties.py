@@ -13,6 +13,7 @@ from linalign import reference
 from linalign.arguments import Penalties
 from linalign.testing import two_branch
 from linalign.torch_backend import penalize
+from helpers import capture_without_sync
 
 BACKENDS = ["torch", "triton"]
 
@@ -459,15 +460,7 @@ def test_penalized_step_captures_without_host_sync():
     run = lambda: penalized_step(*args)  # noqa: E731
     for _ in range(3):
         run()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static = run()
+    g, static = capture_without_sync(run)
     for i in range(3):
         new_p, new_0 = two_branch(64, 32000, seed=70 + i, temperature=0.5, device=dev)
         args[0].copy_(new_p)
