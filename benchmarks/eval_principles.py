@@ -8,6 +8,12 @@ and perplexity; needs matplotlib, skipped with a note when it is not installed).
     python benchmarks/eval_principles.py --device cuda --batch-size 576   # the whole grid
     python benchmarks/eval_principles.py --report benchmarks/results/eval_cuda.json
     python benchmarks/eval_principles.py --resummarise benchmarks/results/eval_cpu_48
+    python benchmarks/eval_principles.py --combine PART1 PART2 --out PREFIX
+
+``--combine A B --out PREFIX`` summarises the answers of several runs of one protocol (the
+parts of an evaluation too long for one sitting: other settings, same prompts, model, dtype,
+length, temperature, top-p, seed and system text) together, with the paired tests across
+them, into PREFIX.csv, .json, .samples.jsonl.gz and .png.
 
 ``--resummarise PREFIX`` summarises the answers of an earlier run again with this version's
 summary (its paired tests against the principle in the prompt, for instance) and rewrites
@@ -26,7 +32,7 @@ import torch  # noqa: E402
 
 from linalign.cli_args import CommandError  # noqa: E402
 from linalign.evaluation import build_eval_parser, eval_command  # noqa: E402
-from linalign.evaluation.report import resummarise  # noqa: E402
+from linalign.evaluation.report import combine, resummarise  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,13 +40,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main(argv=None) -> int:
     parser = build_eval_parser(prog="python benchmarks/eval_principles.py",
                                default_out=os.path.join(HERE, "results", "eval_<device>"))
+    parser.add_argument("--combine", nargs="+", metavar="PREFIX", default=None,
+                        help="summarise the answers of several runs of one protocol together "
+                             "(parts of one evaluation) into --out")
     parser.add_argument("--resummarise", metavar="PREFIX", default=None,
                         help="summarise the answers of an earlier run (PREFIX.samples.jsonl"
                              "[.gz]) again and rewrite PREFIX.csv, .json and .png")
     args = parser.parse_args(argv)
-    if args.resummarise:
+    if args.resummarise or args.combine:
         try:
-            paths = resummarise(args.resummarise, plot=not args.no_plot)
+            if args.combine:
+                paths = combine(args.combine, args.out, plot=not args.no_plot)
+            else:
+                paths = resummarise(args.resummarise, plot=not args.no_plot)
         except (OSError, ValueError, KeyError) as e:
             print(f"eval_principles: error: {e}", file=sys.stderr)
             return 2

@@ -208,6 +208,41 @@ def test_settings_with_modifiers_and_their_baseline():
     assert ev.harness.baseline_of("la-r1+ngram3", names) == "prompt"  # no prompt+ngram3
 
 
+def test_combine_parts_of_one_evaluation(tmp_path):
+    """Two runs of one protocol (other settings) summarised together, paired across them;
+    a part of another protocol or a setting in two parts is refused."""
+    from linalign.evaluation.report import write_outputs
+
+    def sample(setting, i, passed):
+        return dict(setting=setting, decoding="greedy", principle="brief", prompt_index=i,
+                    passed=passed, rep3=0.0, distinct2=1.0, nll=1.0, nll_tokens=1,
+                    ppl=math.e, n_tokens=1, finish_reason="eos", ratio=None)
+
+    def part(name, setting, passes, **meta):
+        samples = [sample(setting, i, ok) for i, ok in enumerate(passes)]
+        meta = dict(dict(model="m", dtype="float32", max_new_tokens=4, temperature=0.5,
+                         top_p=0.8, seed=0, prompts=["a", "b", "c"], settings=[setting],
+                         decodings=["greedy"], total_seconds=1.0), **meta)
+        write_outputs({"rows": ev.summarise(samples), "samples": samples, "timing": {}},
+                      str(tmp_path / name), meta, plot=False)
+        return str(tmp_path / name)
+
+    a = part("a", "prompt", [False, False, True])
+    b = part("b", "la-r1", [True, True, True])
+    paths = ev.combine([a, b], str(tmp_path / "ab"), plot=False)
+    assert str(tmp_path / "ab.samples.jsonl.gz") in paths
+    summary = json.loads((tmp_path / "ab.json").read_text())
+    la = next(r for r in summary["rows"] if r["setting"] == "la-r1" and r["principle"] == "all")
+    assert (la["vs_prompt_wins"], la["vs_prompt_losses"]) == (2, 0)
+    assert summary["meta"]["settings"] == ["prompt", "la-r1"]
+    assert [p["prefix"] for p in summary["meta"]["parts"]] == [a, b]
+    with pytest.raises(ValueError, match="max_new_tokens differs"):
+        ev.combine([a, part("c", "la-r3", [True] * 3, max_new_tokens=8)], str(tmp_path / "x"),
+                plot=False)
+    with pytest.raises(ValueError, match="also in an earlier part"):
+        ev.combine([a, part("d", "prompt", [True] * 3)], str(tmp_path / "y"), plot=False)
+
+
 def test_paired_tests_of_the_committed_answers():
     """The numbers docs/eval.md quotes, from the committed answers of all 48 prompts."""
     path = pathlib.Path(__file__).parents[1] / "benchmarks" / "results" / \

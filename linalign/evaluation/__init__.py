@@ -18,7 +18,7 @@ from .harness import (DECODINGS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_RATIO, DEFA
                       prompt_seeds, run_eval, summarise)
 from .metrics import (CLEAN_REP3, distinct_n, mcnemar_exact, mean, median, ngrams,
                       repeated_ngram_rate, response_nll, wilson_interval)
-from .report import (CSV_FIELDS, candidate_default, markdown_report, plot_summary,
+from .report import (CSV_FIELDS, candidate_default, combine, markdown_report, plot_summary,
                      read_samples, resummarise, write_outputs)
 from .scorers import (BRIEF_WORDS, CONTRACTIONS, ENGLISH_WORDS, FRENCH_WORDS, PIRATE_MARKERS,
                       PRINCIPLES, SHAKESPEARE_MARKERS, Principle, contractions, emoji_count,
@@ -39,7 +39,7 @@ __all__ = [
     "repeated_ngram_rate",
     "response_nll", "wilson_interval",
     # outputs
-    "CSV_FIELDS", "candidate_default", "markdown_report", "plot_summary", "read_samples",
+    "CSV_FIELDS", "candidate_default", "combine", "markdown_report", "plot_summary", "read_samples",
     "resummarise", "write_outputs",
     # principles and their scorers
     "BRIEF_WORDS", "CONTRACTIONS", "ENGLISH_WORDS", "FRENCH_WORDS", "PIRATE_MARKERS",

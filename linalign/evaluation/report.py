@@ -109,6 +109,53 @@ def resummarise(prefix: str, *, plot: bool = True, progress=sys.stderr) -> list[
                          progress=progress)
 
 
+#: What two evaluation runs must share for their answers to be summarised together.
+SHARED_META = ("model", "dtype", "max_new_tokens", "temperature", "top_p", "seed", "prompts",
+               "system")
+
+
+def combine(prefixes: list[str], out: str, *, plot: bool = True,
+            progress=sys.stderr) -> list[str]:
+    """Summarise the answers of several runs together (an evaluation split into parts):
+    their settings must differ and their ``SHARED_META`` agree (``ValueError`` naming the
+    first that does not). Writes OUT.csv, .json, .samples.jsonl.gz and .png; the meta is
+    the first run's, with every run's settings, decodings and seconds, and ``parts`` (the
+    prefixes and commands)."""
+    runs = []
+    for prefix in prefixes:
+        with open(prefix + ".json", encoding="utf-8") as f:
+            old = json.load(f)
+        path = next((prefix + ".samples.jsonl" + ext for ext in (".gz", "")
+                     if os.path.exists(prefix + ".samples.jsonl" + ext)), None)
+        if path is None:
+            raise FileNotFoundError(f"{prefix}.samples.jsonl(.gz): no answers to combine")
+        runs.append((prefix, old, read_samples(path)))
+    first = runs[0][1]["meta"]
+    seen = set()
+    for prefix, old, samples in runs:
+        for key in SHARED_META:
+            if old["meta"].get(key) != first.get(key):
+                raise ValueError(f"{prefix}: {key} differs from {prefixes[0]}'s; only runs of "
+                                 "the same protocol can be summarised together")
+        keys = {(s["setting"], s["decoding"]) for s in samples}
+        if keys & seen:
+            raise ValueError(f"{prefix}: {sorted(keys & seen)} also in an earlier part")
+        seen |= keys
+    samples = [s for _, _, part in runs for s in part]
+    meta = dict(first, settings=list(dict.fromkeys(
+        x for _, old, _ in runs for x in old["meta"].get("settings", []))),
+        decodings=list(dict.fromkeys(x for _, old, _ in runs
+                                     for x in old["meta"].get("decodings", []))),
+        total_seconds=sum(old["meta"].get("total_seconds") or 0 for _, old, _ in runs),
+        parts=[{"prefix": prefix, "command": old["meta"].get("command"),
+                "date": old["meta"].get("date")} for prefix, old, _ in runs])
+    names = list(dict.fromkeys(n for _, old, _ in runs for n in old.get("principles") or {}))
+    timing = {k: v for _, old, _ in runs for k, v in old.get("timing", {}).items()}
+    result = {"rows": summarise(samples, names or None), "timing": timing,
+              "samples": samples}
+    return write_outputs(result, out, meta, gzip_samples=True, plot=plot, progress=progress)
+
+
 def csv_value(v):
     """A CSV cell: floats to 6 significant digits, None empty."""
     return f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v)
