@@ -39,8 +39,8 @@ __all__ = [
     "repeated_ngram_rate",
     "response_nll", "wilson_interval",
     # outputs
-    "CSV_FIELDS", "candidate_default", "combine", "markdown_report", "plot_summary", "read_samples",
-    "resummarise", "write_outputs",
+    "CSV_FIELDS", "candidate_default", "combine", "markdown_report", "plot_summary",
+    "read_samples", "resummarise", "write_outputs",
     # principles and their scorers
     "BRIEF_WORDS", "CONTRACTIONS", "ENGLISH_WORDS", "FRENCH_WORDS", "PIRATE_MARKERS",
     "PRINCIPLES", "SHAKESPEARE_MARKERS", "Principle", "contractions", "emoji_count",
