@@ -16,13 +16,16 @@ import argparse
 import os
 
 from .decoder import MODES
-from .options import DEFAULT_RATIO, INT_RULES, SamplingParams, rule_of
+from .options import (COMMAND_REPETITION_PENALTY, DEFAULT_RATIO, INT_RULES, SamplingParams,
+                      rule_of)
 
 #: ``--model`` value that builds the tiny random Llama of ``linalign.testing`` with its byte
 #: tokenizer (no download, gibberish output): for tests of the commands.
 TINY_MODEL = "linalign:tiny-random"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-_DEFAULTS = SamplingParams()
+#: The commands' defaults: the library's, with the commands' repetition penalty (its
+#: evidence is where it is defined).
+_DEFAULTS = SamplingParams(repetition_penalty=COMMAND_REPETITION_PENALTY)
 
 
 class CommandError(Exception):

@@ -11,6 +11,7 @@ import pytest
 
 import linalign
 from linalign import cli, models
+from linalign.options import COMMAND_REPETITION_PENALTY
 
 from helpers import assert_same_or_near_tie
 
@@ -145,7 +146,8 @@ def test_command_main_job(aligner):
     run = _cli("generate", PROMPTS[0], "--principle", PRINCIPLE, "--max-new-tokens", str(N),
                "--threads", "1")
     assert run.returncode == 0, run.stderr
-    want = aligner.generate(PROMPTS[0], PRINCIPLE, max_new_tokens=N).text  # the defaults
+    want = aligner.generate(PROMPTS[0], PRINCIPLE, max_new_tokens=N,  # the defaults
+                            repetition_penalty=COMMAND_REPETITION_PENALTY).text
     assert run.stdout.strip() == want.strip()
 
 
@@ -167,11 +169,13 @@ def test_command_several_principles_and_kl(aligner, capsys):
     two = ["Answer like a pirate.", "Be brief."]
     assert cli.main(["generate", PROMPTS[1], "--principle", two[0], "--principle", two[1],
                      "--ratio", "3", "--ratio", "1", "--max-new-tokens", "10"]) == 0
-    want = aligner.generate(PROMPTS[1], [two], ratio=[[3.0, 1.0]], max_new_tokens=10).text
+    want = aligner.generate(PROMPTS[1], [two], ratio=[[3.0, 1.0]], max_new_tokens=10,
+                            repetition_penalty=COMMAND_REPETITION_PENALTY).text
     assert capsys.readouterr().out.strip() == want.strip()
     assert cli.main(["generate", PROMPTS[1], "--principle", PRINCIPLE, "--kl-budget", "2",
                      "--max-new-tokens", "10"]) == 0
-    want = aligner.generate(PROMPTS[1], PRINCIPLE, kl_budget=2.0, max_new_tokens=10).text
+    want = aligner.generate(PROMPTS[1], PRINCIPLE, kl_budget=2.0, max_new_tokens=10,
+                            repetition_penalty=COMMAND_REPETITION_PENALTY).text
     assert capsys.readouterr().out.strip() == want.strip()
 
 

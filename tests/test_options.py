@@ -4,6 +4,7 @@
 precision every step computes in), on the edge values below. And one set of defaults:
 every front end takes SamplingParams's."""
 import argparse
+import dataclasses
 import math
 
 import pytest
@@ -72,12 +73,16 @@ def test_integer_rules_agree(name):
 
 
 def test_one_set_of_defaults():
-    """The commands' parsers and the decoder take SamplingParams's defaults."""
+    """The commands' parsers and the decoder take SamplingParams's defaults; the commands
+    differ in one, their repetition penalty (docs/decoder.md, "Defaults")."""
     d = SamplingParams()
+    assert d.repetition_penalty == 1.0  # the library: Hugging Face's neutral default
+    commands = dataclasses.replace(
+        d, repetition_penalty=linalign.options.COMMAND_REPETITION_PENALTY)
     args = cli.build_parser().parse_args(["generate", "Q", "--principle", "P"])
-    assert cli_args.sampling_params(args) == d
+    assert cli_args.sampling_params(args) == commands
     run = cli.build_parser().parse_args(["run", "--input", "i", "--output", "o"])
-    assert cli_args.sampling_params(run) == d
+    assert cli_args.sampling_params(run) == commands
     assert d.ratio is None  # resolved to DEFAULT_RATIO by rows() unless kl_budget is given
     rows = d.rows(3)
     assert rows.ratios == [[linalign.options.DEFAULT_RATIO] * 3]

@@ -18,7 +18,7 @@ from linalign import runner
 from linalign.cli_args import TINY_MODEL, load_aligner
 from linalign.decoder import LinearAligner
 from linalign.constants import MAX_RATIO
-from linalign.options import DEFAULT_RATIO, RULES, SamplingParams
+from linalign.options import COMMAND_REPETITION_PENALTY, DEFAULT_RATIO, RULES, SamplingParams
 from linalign.runner import RunOptions, Settings
 from linalign.testing import ByteTokenizer
 
@@ -57,12 +57,15 @@ def results(path):
     return [json.loads(x) for x in Path(path).read_text().splitlines()]
 
 
-def run(tmp_path, *args, lines=LINES, name="out.jsonl"):
+def run(tmp_path, *args, lines=LINES, name="out.jsonl", command_defaults=False):
+    """``linalign run`` on ``lines``; the repetition penalty neutral, as the library's
+    ``generate`` the tests compare with, unless ``command_defaults``."""
     inp = tmp_path / "in.jsonl"
     if not inp.exists():
         write_lines(inp, lines)
+    neutral = [] if command_defaults else ["--repetition-penalty", "1"]
     return runner.main(["--input", str(inp), "--output", str(tmp_path / name), *BASE,
-                        *args])
+                        *neutral, *args])
 
 
 def want_of(aligner, line, n=8, **options):
@@ -77,15 +80,16 @@ def want_of(aligner, line, n=8, **options):
 def test_results_equal_generate(tmp_path, aligner, capsys):
     """Each row's tokens and text are generate's for that prompt alone (greedy), with the
     line's ratio (else generate's default, DEFAULT_RATIO) and max_new_tokens; the finished
-    file is in input order; settings record what each row ran with."""
-    assert run(tmp_path, "--batch-size", "4") == 0
+    file is in input order; settings record what each row ran with. The command's own
+    defaults: its repetition penalty too."""
+    assert run(tmp_path, "--batch-size", "4", command_defaults=True) == 0
     out = results(tmp_path / "out.jsonl")
     assert [o["id"] for o in out] == [x["id"] for x in LINES]
     for line, o in zip(LINES, out):
         ratio = line.get("ratio", DEFAULT_RATIO)
         ratio = ratio[0] if isinstance(ratio, list) else ratio
         n = line.get("max_new_tokens", 8)
-        want = want_of(aligner, line)
+        want = want_of(aligner, line, repetition_penalty=COMMAND_REPETITION_PENALTY)
         assert o["token_ids"] == want.token_ids[0], o["id"]
         assert o["text"] == want.texts[0] and o["new_tokens"] == len(want.token_ids[0])
         assert o["finish_reason"] == want.finish_reasons[0]
@@ -94,7 +98,8 @@ def test_results_equal_generate(tmp_path, aligner, capsys):
         assert o["settings"] == {
             "ratio": [float(ratio)], "kl_budget": None, "max_ratio": None,
             "temperature": 0.5, "top_p": 0.8, "greedy": True, "max_new_tokens": n,
-            "seed": None, "mode": "stacked", "system": None, "repetition_penalty": 1.0,
+            "seed": None, "mode": "stacked", "system": None,
+            "repetition_penalty": COMMAND_REPETITION_PENALTY,
             "presence_penalty": 0.0, "frequency_penalty": 0.0, "no_repeat_ngram_size": 0,
             "stop": []}
     err = capsys.readouterr().err
@@ -497,7 +502,7 @@ def test_torchrun_two_processes_merge_into_the_single_process_output(tmp_path):
     lines = LINES + [{"id": f"x{i}", "prompt": f"Question number {i}?" * (i % 3 + 1),
                       "principle": "Be kind."} for i in range(6)]
     inp = write_lines(tmp_path / "in.jsonl", lines)
-    assert run(tmp_path, "--batch-size", "3", name="single.jsonl") == 0
+    assert run(tmp_path, "--batch-size", "3", name="single.jsonl", command_defaults=True) == 0
     single = [{k: v for k, v in o.items() if k != "rank"}
               for o in results(tmp_path / "single.jsonl")]
     shard = [runner.shard_of(str(x["id"]), 2) for x in lines]

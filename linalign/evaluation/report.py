@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from .harness import log_line, parse_setting, summarise
+from .harness import baseline_of, log_line, parse_setting, summarise
 from .scorers import PRINCIPLES
 
 CSV_FIELDS = ["setting", "decoding", "principle", "n", "adherence", "adherence_lo",
@@ -299,31 +299,37 @@ def principle_table(rows: list[dict], settings: list[str], decoding: str) -> lis
 
 
 def candidate_default(summary: dict, ppl_factor: float = 1.5, rep_margin: float = 0.05):
-    """The Linear Alignment setting (la or kl) with the highest overall adherence whose
-    pooled perplexity is at most ``ppl_factor`` times that of ``prompt`` (same decoding)
-    and whose rep3 is at most ``rep_margin`` above it; a sentence, or None."""
+    """The Linear Alignment setting (la or kl) with the highest overall clean adherence
+    (followed without looping) whose pooled perplexity is at most ``ppl_factor`` times, and
+    whose rep3 at most ``rep_margin`` above, those of its baseline (``baseline_of``: the
+    principle in the prompt with the same modifiers, same decoding); a sentence, or None."""
     overall = [r for r in summary["rows"] if r["principle"] == "all"]
     out = []
     for decoding in dict.fromkeys(r["decoding"] for r in overall):
-        ref = next((r for r in overall if r["decoding"] == decoding and
-                    r["setting"] == "prompt"), None)
-        if ref is None or ref["ppl_pooled"] is None:
+        rows = {r["setting"]: r for r in overall if r["decoding"] == decoding}
+        if "prompt" not in rows:
             continue
-        ok = [r for r in overall if r["decoding"] == decoding and
-              parse_setting(r["setting"]).kind in ("la", "kl") and r["ppl_pooled"] is not None
-              and r["ppl_pooled"] <= ppl_factor * ref["ppl_pooled"] and
-              (r["rep3"] or 0) <= (ref["rep3"] or 0) + rep_margin]
+        ok = []
+        for r in rows.values():
+            ref = rows.get(baseline_of(r["setting"], rows))
+            if parse_setting(r["setting"]).kind in ("la", "kl") and ref is not None and \
+                    None not in (r["ppl_pooled"], ref["ppl_pooled"]) and \
+                    r["ppl_pooled"] <= ppl_factor * ref["ppl_pooled"] and \
+                    (r["rep3"] or 0) <= (ref["rep3"] or 0) + rep_margin:
+                ok.append(r)
         if ok:
-            best = max(ok, key=lambda r: r["adherence"])
-            out.append(f"{decoding}: {best['setting']} (adherence {best['adherence']:.3f} "
-                       f"against {ref['adherence']:.3f} for the principle in the prompt only)")
+            best = max(ok, key=lambda r: r.get("clean") or 0.0)
+            out.append(f"{decoding}: {best['setting']} (clean adherence "
+                       f"{best.get('clean') or 0.0:.3f} against "
+                       f"{rows['prompt'].get('clean') or 0.0:.3f} for the principle in the "
+                       f"prompt only)")
         else:
             out.append(f"{decoding}: no Linear Alignment setting stays within the limits")
     if not out:
         return None
-    return (f"Candidate default (highest adherence with pooled perplexity at most "
+    return (f"Candidate default (highest clean adherence with pooled perplexity at most "
             f"{ppl_factor:g} x and rep-3 at most {rep_margin:g} above the principle-in-prompt "
-            f"setting): " + "; ".join(out) + ".")
+            f"setting with the same modifiers): " + "; ".join(out) + ".")
 
 
 def table_number(v, digits: int = 3) -> str:
