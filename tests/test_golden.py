@@ -9,7 +9,8 @@ seeded sampled setting (the per-row seed stream and the step offsets must not mo
 They are the exact fp32 model's (``load_default_model(packed=False)``). The default on the
 CPU packs the linear layers with fp16 weights (``linalign.packed_linear``); its tokens are
 checked against the same file for the documented agreement: at most ``PACKED_ROWS_DIFFER``
-rows of a setting differ (12 of the 336 rows in all, docs/decoder.md).
+rows of a setting differ (12 of the 336 rows in all, docs/decoder.md), on the settings of
+``PACKED_CHECKED``.
 
     python tests/test_golden.py --record    # rewrite the file (only when a change is meant)
 """
@@ -116,7 +117,13 @@ def test_tokens_match_the_golden_file(aligner, name):
         f"{got[diff[0]] if diff else ''} against {want[diff[0]] if diff else ''}")
 
 
-@pytest.mark.parametrize("name", list(SETTINGS))
+#: The settings the packed default is checked on in every run: one of each mode, and the
+#: static-cache loop and sampling once (the packed layers are the same model call in every
+#: loop; all 14 were measured once for ``PACKED_ROWS_DIFFER``).
+PACKED_CHECKED = ["r0", "r1", "kl0.3", "two-principles", "plain-prompt", "r3-sampled-fast"]
+
+
+@pytest.mark.parametrize("name", PACKED_CHECKED)
 def test_packed_tokens_agree_as_documented(packed_aligner, name):
     """The packed default against the fp32 golden tokens: at most the documented rows
     differ (fp16 weights move a few near-ties)."""
