@@ -24,5 +24,8 @@ setup(
         # installed separately with --no-deps: its own dependencies are for another tool.
         "hf": ["transformers>=5.17", "gguf", "accelerate"],
     },
-    entry_points={"console_scripts": ["linalign = linalign.cli:main"]},
+    # the command's entry point sits outside the package, so that a Ctrl-C while the
+    # package imports torch is one line too (linalign_entry.py)
+    py_modules=["linalign_entry"],
+    entry_points={"console_scripts": ["linalign = linalign_entry:main"]},
 )

@@ -632,3 +632,25 @@ def test_torchrun_teardown_in_a_loop(tmp_path, clean):
             (i, proc.stderr[-3000:])
         assert f"2 ranks: 0 rows from the parts; {len(LINES)} rows in" in proc.stderr
         assert results(out) == clean
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.3])
+def test_ctrl_c_while_the_command_starts(delay):
+    """The installed ``linalign`` command, interrupted while Python still imports torch
+    (or just after): one line and exit code 130, never a traceback. (A SIGINT that comes
+    before Python starts at all ends the process by the signal: a shell shows 130 too.)"""
+    import shutil
+
+    exe = shutil.which("linalign")
+    if exe is None:
+        pytest.skip("the linalign command is not installed (pip install -e .)")
+    p = subprocess.Popen([exe, "generate", "hi", "--principle", "x", "--model", TINY_MODEL,
+                          "--device", "cpu", "--max-new-tokens", "4"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert "Traceback" not in err, err
+    assert p.returncode in (130, -signal.SIGINT), (p.returncode, err)
+    if p.returncode == 130:
+        assert err.strip().splitlines()[-1] == "linalign: interrupted", err
