@@ -18,7 +18,7 @@ import time
 
 from .cli_args import (CommandError, add_model_arguments, add_sampling_arguments,
                        check_model_path, load_aligner, resolve_device, sampling_params)
-from .cli_io import (EXIT_BROKEN_PIPE, check_text, ignore_sigint, os_error_line,
+from .cli_io import (EXIT_BROKEN_PIPE, check_text, ignore_sigint, interrupted, os_error_line,
                      quiet_broken_pipe, say)
 from .decoding import BadLogitsError
 from .options import DEFAULT_RATIO
@@ -152,6 +152,13 @@ def main(argv=None) -> int:
         say(f"linalign: error: {os_error_line(e)}")
         return 1
     except KeyboardInterrupt:
+        sigint = ignore_sigint()
+        say("linalign: interrupted")
+        return 130
+    except ImportError as e:
+        if not interrupted(e):
+            raise
+        # a Ctrl-C inside transformers' lazy imports, which re-raise it as an ImportError
         sigint = ignore_sigint()
         say("linalign: interrupted")
         return 130

@@ -2,6 +2,7 @@
 stderr (docs/errors.md), never a traceback.
 
 - ``say``: a line on stderr that never raises (stderr may be a closed pipe).
+- ``interrupted``: whether an exception was caused by a Ctrl-C.
 - ``os_error_line``: an ``OSError`` (disk full, read-only file system, permission denied) as
   one line that names the path and says what to do.
 - ``check_text``: a command-line text is UTF-8 (bytes that are not arrive as lone
@@ -32,6 +33,18 @@ ADVICE = {
     errno.EFBIG: "the file is larger than this process may write (ulimit -f)",
     errno.EIO: "the disk reported an I/O error",
 }
+
+
+def interrupted(e: BaseException) -> bool:
+    """Whether a ``KeyboardInterrupt`` is what caused ``e`` (somewhere in its chain of
+    causes and contexts): transformers' lazy imports turn a Ctrl-C into an ImportError."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def say(line: str):
