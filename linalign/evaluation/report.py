@@ -92,17 +92,22 @@ def read_samples(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def resummarise(prefix: str, *, plot: bool = True, progress=sys.stderr) -> list[str]:
-    """Summarise the answers of an earlier run again (PREFIX.samples.jsonl[.gz]) with this
-    version's summary (e.g. its paired tests), keeping the run's ``meta`` and timing from
-    PREFIX.json; rewrite PREFIX.csv, PREFIX.json and PREFIX.png; return the paths."""
+def read_run(prefix: str) -> tuple[dict, list[dict]]:
+    """An earlier run's PREFIX.json and its answers (PREFIX.samples.jsonl[.gz])."""
     with open(prefix + ".json", encoding="utf-8") as f:
         old = json.load(f)
     path = next((prefix + ".samples.jsonl" + ext for ext in (".gz", "")
                  if os.path.exists(prefix + ".samples.jsonl" + ext)), None)
     if path is None:
-        raise FileNotFoundError(f"{prefix}.samples.jsonl(.gz): no answers to summarise")
-    samples = read_samples(path)
+        raise FileNotFoundError(f"{prefix}.samples.jsonl(.gz): the run's answers are missing")
+    return old, read_samples(path)
+
+
+def resummarise(prefix: str, *, plot: bool = True, progress=sys.stderr) -> list[str]:
+    """Summarise the answers of an earlier run again (PREFIX.samples.jsonl[.gz]) with this
+    version's summary (e.g. its paired tests), keeping the run's ``meta`` and timing from
+    PREFIX.json; rewrite PREFIX.csv, PREFIX.json and PREFIX.png; return the paths."""
+    old, samples = read_run(prefix)
     names = list(old.get("principles") or {}) or None
     result = {"rows": summarise(samples, names), "timing": old.get("timing", {})}
     return write_outputs(result, prefix, old["meta"], samples=False, plot=plot,
@@ -121,15 +126,7 @@ def combine(prefixes: list[str], out: str, *, plot: bool = True,
     first that does not). Writes OUT.csv, .json, .samples.jsonl.gz and .png; the meta is
     the first run's, with every run's settings, decodings and seconds, and ``parts`` (the
     prefixes and commands)."""
-    runs = []
-    for prefix in prefixes:
-        with open(prefix + ".json", encoding="utf-8") as f:
-            old = json.load(f)
-        path = next((prefix + ".samples.jsonl" + ext for ext in (".gz", "")
-                     if os.path.exists(prefix + ".samples.jsonl" + ext)), None)
-        if path is None:
-            raise FileNotFoundError(f"{prefix}.samples.jsonl(.gz): no answers to combine")
-        runs.append((prefix, old, read_samples(path)))
+    runs = [(prefix, *read_run(prefix)) for prefix in prefixes]
     first = runs[0][1]["meta"]
     seen = set()
     for prefix, old, samples in runs:
