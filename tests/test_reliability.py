@@ -617,7 +617,7 @@ def test_eval_files(tmp_path, capsys, no_model):
 def test_torchrun_teardown_in_a_loop(tmp_path, clean):
     """torchrun --nproc-per-node 2 on an output whose rows are all done (no model is
     loaded: the process group's set-up, the gather, the merge and the ordered teardown
-    only), LINALIGN_TORCHRUN_RUNS times (CI: 10): exit 0 every time, no rank aborts, the
+    only), LINALIGN_TORCHRUN_RUNS times (CI: 5): exit 0 every time, no rank aborts, the
     output intact."""
     write_lines(tmp_path / "in.jsonl", LINES)
     out = tmp_path / "out.jsonl"
