@@ -767,6 +767,19 @@ def _score_task(rowp, row0, s, V, m, r, inv_t, tau, kf, ki, CHUNK: tl.constexpr,
 
 
 @_helper
+def _flat_entries(S, ki, flat, FSLOT: tl.constexpr, SP: tl.constexpr):
+    """A row's flat buffer: chunk c's entries at slots c * FSLOT + [0, count), in vocabulary
+    order. Returns (slot indices, which slots hold an entry, their logits; -inf elsewhere)."""
+    NF: tl.constexpr = SP * FSLOT
+    jf = tl.arange(0, NF)
+    ch = jf // FSLOT
+    cnt = tl.load(ki + J_EMIT * SP + ch, mask=ch < S, other=0, cache_modifier=".cg")
+    valid = (ch < S) & ((jf % FSLOT) < cnt)
+    x = tl.load(flat + jf, mask=valid, other=float("-inf"), cache_modifier=".cg")
+    return jf, valid, x
+
+
+@_helper
 def _search_merge(row, S, m, inv_t, thr, ri, kf, ki, flat, scr_k, scr_e, FSLOT: tl.constexpr,
                   NPIV: tl.constexpr, SP: tl.constexpr):
     """The last task of a SEARCH job: tau on the flat buffer if every chunk's bracket
@@ -785,12 +798,7 @@ def _search_merge(row, S, m, inv_t, thr, ri, kf, ki, flat, scr_k, scr_e, FSLOT: 
     hi = tl.load(ri + S_HI, cache_modifier=".cg")
     done = tl.zeros((), tl.int1)
     if fits:
-        NF: tl.constexpr = SP * FSLOT
-        jf = tl.arange(0, NF)
-        ch = jf // FSLOT
-        cnt = tl.load(ki + J_EMIT * SP + ch, mask=ch < S, other=0, cache_modifier=".cg")
-        valid = (ch < S) & ((jf % FSLOT) < cnt)
-        fx = tl.load(flat + jf, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        jf, valid, fx = _flat_entries(S, ki, flat, FSLOT, SP)
         e = tl.where(valid, tl.exp((fx - m) * inv_t), 0.0)
         f_hi = tl.sum(tl.where(ii == NPIV - 1, mass, 0.0), axis=0)  # the last pivot is hi
         tau, done, lo, hi = _tau_search(_key(fx), e, valid, lo, hi, thr, f_hi, scr_k, scr_e,
@@ -837,12 +845,7 @@ def _score_merge(row, S, V, m, r, inv_t, tau, is_t0, rowp, row0, kf, ki, flat, f
     wa_b = tl.zeros((SP,), tl.float32)
     wp_b = tl.zeros((SP,), tl.float32)
     if has_buf:
-        NF: tl.constexpr = SP * FSLOT
-        jf = tl.arange(0, NF)
-        ch = jf // FSLOT
-        cnt = tl.load(ki + J_EMIT * SP + ch, mask=ch < S, other=0, cache_modifier=".cg")
-        valid = (ch < S) & ((jf % FSLOT) < cnt)
-        bx = tl.load(flat + jf, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        jf, valid, bx = _flat_entries(S, ki, flat, FSLOT, SP)
         bi = tl.load(flat_i + jf, mask=valid, other=0, cache_modifier=".cg")
         b_in = valid & (_key(bx) >= tau) & (bx > float("-inf"))
         by = _load_row(row0, bi, b_in)  # the without-branch at these nucleus tokens only
